@@ -1,0 +1,1 @@
+"""The SQL registry: typed SQLAlchemy models, sessions, and the tenant-scoped query helper."""
