@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the API on HOST:PORT")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--demo", action="store_true", help="print fresh admin and demo keys")
     serve.set_defaults(handler=_lazy("loramux.commands.serve:main"))
 
     db = commands.add_parser("db", help="registry schema").add_subparsers(dest="db", required=True)

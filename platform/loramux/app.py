@@ -1,0 +1,69 @@
+"""The Starlette application: routes, middleware and error mapping, composed once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+
+from loramux.api import admin, health, models
+from loramux.auth.backend import ApiKeyBackend, on_auth_error
+from loramux.db.session import make_engine, make_session_factory
+from loramux.errors import APIError, api_error_handler, internal_error_handler
+from loramux.middleware import BodySizeLimit
+from loramux.settings import Settings
+from loramux.state import AppState
+
+
+def base_model_id(settings: Settings) -> str:
+    """The id tenants pass as ``model`` for the base model: its name, or its folder's name."""
+    path = Path(settings.model)
+    return path.name if path.is_dir() else settings.model
+
+
+def build_state(settings: Settings, *, storage: Any = None) -> AppState:
+    from loramux.storage import storage_from_settings
+
+    db_engine = make_engine(settings.resolved_database_url)
+    return AppState(
+        settings=settings,
+        db_engine=db_engine,
+        sessions=make_session_factory(db_engine),
+        storage=storage if storage is not None else storage_from_settings(settings),
+        base_model_id=base_model_id(settings),
+        base_model_created=int(time.time()),
+    )
+
+
+def create_app(settings: Settings, *, app_state: AppState | None = None) -> Starlette:
+    app_state = app_state or build_state(settings)
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            app_state.db_engine.dispose()
+
+    app = Starlette(
+        routes=[*health.routes, *models.routes, *admin.routes],
+        middleware=[
+            Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
+            Middleware(
+                AuthenticationMiddleware,
+                backend=ApiKeyBackend(app_state.sessions, admin_key),
+                on_error=on_auth_error,
+            ),
+        ],
+        exception_handlers={APIError: api_error_handler, Exception: internal_error_handler},
+        lifespan=lifespan,
+    )
+    app.state.loramux = app_state
+    return app

@@ -1,0 +1,61 @@
+"""``loramux serve``: migrate the registry, optionally make demo keys, and serve HTTP."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+from sqlalchemy import select, update
+
+from loramux import tenancy
+from loramux.app import create_app
+from loramux.db.migrate import upgrade
+from loramux.db.models import ApiKey, Tenant
+from loramux.db.session import make_engine, make_session_factory, transaction
+from loramux.settings import Settings, get_settings
+
+DEMO_TENANT = "demo"
+DEMO_KEY_NAME = "make-serve"
+
+
+def bootstrap_demo(settings: Settings) -> tuple[str, str]:
+    """Fresh admin and demo-tenant keys for local use; the previous pair is revoked."""
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.name == DEMO_KEY_NAME, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=ApiKey.created_at)
+            )
+            tenant = session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
+            if tenant is None:
+                tenant = tenancy.create_tenant(session, DEMO_TENANT, {}, actor="serve")
+            _, admin_secret = tenancy.create_key(
+                session, None, name=DEMO_KEY_NAME, scopes=["admin"], actor="serve"
+            )
+            _, tenant_secret = tenancy.create_key(
+                session, tenant, name=DEMO_KEY_NAME, scopes=None, actor="serve"
+            )
+    finally:
+        engine.dispose()
+    return admin_secret, tenant_secret
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = get_settings().model_copy(update=overrides)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    if args.demo:
+        admin_secret, tenant_secret = bootstrap_demo(settings)
+        print("loramux demo keys (shown once; a restart makes new ones):")
+        print(f"  admin key:        {admin_secret}")
+        print(f"  demo tenant key:  {tenant_secret}")
+        print(
+            f'  try: curl -H "Authorization: Bearer {tenant_secret}" '
+            f"http://{settings.host}:{settings.port}/v1/models",
+            flush=True,
+        )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
