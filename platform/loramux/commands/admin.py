@@ -55,9 +55,8 @@ def keys_create(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view))
     else:
-        print(
-            f"created key {view['id']} for tenant {args.tenant} (scopes: {' '.join(view['scopes'])})"
-        )
+        scopes = " ".join(view["scopes"])
+        print(f"created key {view['id']} for tenant {args.tenant} (scopes: {scopes})")
         print(f"secret (shown once): {secret}")
     return 0
 

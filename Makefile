@@ -1,0 +1,36 @@
+# The two commands: `make serve` and `make test`. Both build .venv the same way.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint bench clean
+
+# torch goes in first and pinned: here that takes the CPU build already on disk, where a
+# bare `torch` requirement would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/loramux models pull
+	$(BIN)/loramux serve --demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/loramux bench engine --json bench-engine.json
+	$(BIN)/loramux bench lora --json bench-lora.json
+	$(BIN)/loramux bench api --json bench-api.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
