@@ -55,7 +55,11 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
     app = Starlette(
         routes=[*health.routes, *models.routes, *admin.routes],
         middleware=[
-            Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
+            Middleware(
+                BodySizeLimit,
+                max_bytes=settings.max_body_bytes,
+                max_upload_bytes=settings.max_upload_bytes,
+            ),
             Middleware(
                 AuthenticationMiddleware,
                 backend=ApiKeyBackend(app_state.sessions, admin_key),

@@ -27,8 +27,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_upload_bytes: int = 1024 * 1024 * 1024
     max_adapter_bytes: int = 512 * 1024 * 1024
+    max_lora_rank: int = 64
     require_services: bool = False
 
     @property

@@ -19,4 +19,6 @@ class AppState:
     storage: Any
     base_model_id: str
     base_model_created: int
+    # The EngineClient (loramux.engine_client); None until the engine is wired in.
+    engine: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
