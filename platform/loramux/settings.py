@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 1024 * 1024 * 1024
     max_adapter_bytes: int = 512 * 1024 * 1024
     max_lora_rank: int = 64
+    rate_limit_window_s: float = 60.0
     require_services: bool = False
 
     @property
