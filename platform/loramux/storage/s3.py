@@ -1,0 +1,199 @@
+"""Any S3-compatible store (AWS, MinIO, R2, Ceph) through boto3.
+
+Credentials come from boto3's standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+profiles, instance roles). Objects larger than one part go up as a multipart upload
+that is completed only after the whole stream hashed right, and aborted otherwise,
+so a failed or rejected put never leaves an object or a dangling upload behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from loramux.storage.base import BlobInfo, RawStream, Storage, as_stream, check_declared, read_exact
+from loramux.storage.errors import BlobNotFound, StorageError
+from loramux.storage.keys import validate_key, validate_prefix, validate_sha256
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+
+
+@contextlib.contextmanager
+def _s3_errors(key: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        if key is not None and code in _NOT_FOUND:
+            raise BlobNotFound(key) from None
+        raise StorageError(f"S3 request failed ({code or 'unknown'}): {error}") from error
+    except BotoCoreError as error:
+        raise StorageError(f"S3 unreachable: {error}") from error
+
+
+class _Body:
+    """A get_object body whose network errors surface as StorageError."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    def read(self, size: int = -1, /) -> bytes:
+        with _s3_errors():
+            return bytes(self._body.read(size))
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class S3Storage(Storage):
+    supports_presign = True
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        addressing_style: Literal["auto", "virtual", "path"] = "path",
+        part_size: int = 8 * 1024 * 1024,
+        max_attempts: int = 5,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 60.0,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
+        prefix = prefix.strip("/")
+        self.bucket = bucket
+        self.prefix = f"{validate_key(prefix)}/" if prefix else ""
+        self.part_size = part_size
+        config = Config(
+            region_name=region,
+            signature_version="s3v4",
+            s3={"addressing_style": addressing_style},
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            # Newer botocore adds CRC32 checksums by default; MinIO, R2, Ceph and older
+            # stores reject or mishandle them. Integrity is our sha256 on every read.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A private session: boto3's default session is not safe to share across threads.
+        self.client: S3Client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, config=config
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def object_key(self, key: str) -> str:
+        """The key as the bucket sees it, below this store's prefix."""
+        return self.prefix + validate_key(key)
+
+    def put(self, key: str, data: bytes | IO[bytes], *, sha256: str | None = None) -> BlobInfo:
+        object_key = self.object_key(key)
+        if sha256 is not None:
+            validate_sha256(sha256)
+        stream = as_stream(data)
+        first = read_exact(stream, self.part_size)
+        second = read_exact(stream, self.part_size) if len(first) == self.part_size else b""
+        if not second:
+            digest = hashlib.sha256(first).hexdigest()
+            check_declared(key, sha256, digest)
+            with _s3_errors():
+                self.client.put_object(Bucket=self.bucket, Key=object_key, Body=first)
+            return BlobInfo(key, len(first), digest)
+        rest = iter(lambda: read_exact(stream, self.part_size), b"")
+        return self._put_multipart(key, itertools.chain((first, second), rest), sha256)
+
+    def _put_multipart(self, key: str, parts: Iterator[bytes], sha256: str | None) -> BlobInfo:
+        object_key = self.object_key(key)
+        with _s3_errors():
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=object_key)[
+                "UploadId"
+            ]
+        hasher, size, done = hashlib.sha256(), 0, []
+        try:
+            with _s3_errors():
+                for number, part in enumerate(parts, start=1):
+                    hasher.update(part)
+                    size += len(part)
+                    etag = self.client.upload_part(
+                        Bucket=self.bucket,
+                        Key=object_key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=part,
+                    )["ETag"]
+                    done.append({"ETag": etag, "PartNumber": number})
+                check_declared(key, sha256, hasher.hexdigest())
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=object_key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": done},  # type: ignore[typeddict-item]
+                )
+        except BaseException:
+            with contextlib.suppress(BotoCoreError, ClientError):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=object_key, UploadId=upload_id
+                )
+            raise
+        return BlobInfo(key, size, hasher.hexdigest())
+
+    def _open_raw(self, key: str) -> RawStream:
+        with _s3_errors(key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        return _Body(response["Body"])
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except BlobNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        with _s3_errors(key):
+            head = self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        return int(head["ContentLength"])
+
+    def delete(self, key: str) -> None:
+        with _s3_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        full_prefix = self.prefix + validate_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        with _s3_errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(self.prefix) :]
+
+    def presign_put(self, key: str, expires_s: int, content_length: int | None = None) -> str:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.object_key(key)}
+        if content_length is not None:
+            params["ContentLength"] = content_length
+        with _s3_errors():
+            return self.client.generate_presigned_url("put_object", params, ExpiresIn=expires_s)
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        params = {"Bucket": self.bucket, "Key": self.object_key(key)}
+        with _s3_errors():
+            return self.client.generate_presigned_url("get_object", params, ExpiresIn=expires_s)
+
+    def check(self) -> None:
+        with _s3_errors():
+            self.client.head_bucket(Bucket=self.bucket)
