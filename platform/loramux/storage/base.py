@@ -71,11 +71,16 @@ class BlobReader:
         self._expected = expected_sha256
         self._hasher = hashlib.sha256()
         self.size = 0
-        self.verified = False
+        self.complete = False
+
+    @property
+    def verified(self) -> bool:
+        """True once the whole blob was read and matched ``expected_sha256``."""
+        return self.complete and self._expected is not None
 
     @property
     def sha256(self) -> str:
-        """The hash of the bytes read so far; the blob's own once ``verified``."""
+        """The hash of the bytes read so far; the blob's own once ``complete``."""
         return self._hasher.hexdigest()
 
     def read(self, size: int = -1) -> bytes:
@@ -85,11 +90,11 @@ class BlobReader:
         if chunk:
             self._hasher.update(chunk)
             self.size += len(chunk)
-        elif size and not self.verified:
+        elif size and not self.complete:
             actual = self._hasher.hexdigest()
             if self._expected is not None and actual != self._expected:
                 raise BlobCorruptError(self.key, self._expected, actual)
-            self.verified = True
+            self.complete = True
         return chunk
 
     def __iter__(self) -> Iterator[bytes]:

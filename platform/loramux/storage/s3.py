@@ -175,7 +175,9 @@ class S3Storage(Storage):
             self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        full_prefix = self.prefix + validate_prefix(prefix)
+        return self._list(self.prefix + validate_prefix(prefix))
+
+    def _list(self, full_prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         with _s3_errors():
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):

@@ -62,6 +62,16 @@ def test_round_trip(storage: Storage, tmp_path: Path) -> None:
     assert target.read_bytes() == DATA
 
 
+def test_reader_verifies_only_at_end_of_stream(storage: Storage) -> None:
+    storage.put(KEY, DATA)
+    with storage.open(KEY, expected_sha256=SHA) as reader:
+        head = reader.read(7)
+        assert head == DATA[:7] and not reader.verified
+        assert head + reader.read() == DATA and reader.verified
+    with storage.open(KEY, expected_sha256=None) as reader:
+        assert reader.read() == DATA and reader.complete and not reader.verified
+
+
 def test_put_from_stream_and_overwrite(storage: Storage) -> None:
     storage.put("files/f1", io.BytesIO(b"first"))
     info = storage.put("files/f1", io.BytesIO(DATA))
@@ -131,7 +141,7 @@ def test_list_with_prefix(storage: Storage) -> None:
     assert list(storage.list("files/")) == keys[3:]
     assert list(storage.list("nothing/")) == []
     with pytest.raises(InvalidKey):
-        list(storage.list("../"))
+        storage.list("../")
 
 
 def test_large_upload_streams_in_parts(storage: Storage, tmp_path: Path) -> None:

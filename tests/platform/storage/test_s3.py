@@ -103,3 +103,18 @@ def test_missing_bucket_and_unreachable_endpoint_fail_check(s3_endpoint: str) ->
         down.check()
     with pytest.raises(StorageError):
         down.put("files/a", b"a")
+
+
+def test_list_follows_pages(s3_storage: S3Storage) -> None:
+    pages = []
+
+    def small_pages(params: dict[str, Any], **_: Any) -> None:
+        params["MaxKeys"] = 2
+        pages.append(params.get("ContinuationToken"))
+
+    s3_storage.client.meta.events.register("before-parameter-build.s3.ListObjectsV2", small_pages)
+    keys = [f"files/{i}" for i in range(5)]
+    for key in keys:
+        s3_storage.put(key, b"x")
+    assert list(s3_storage.list("files/")) == keys
+    assert len(pages) == 3 and pages[0] is None and all(pages[1:])
