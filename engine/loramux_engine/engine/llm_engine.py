@@ -1,0 +1,274 @@
+"""The synchronous engine: owns the scheduler and the model runner, one step at a time.
+
+Not thread-safe: one thread calls ``add_request``/``step``/``abort``
+(``AsyncLLMEngine`` runs that thread for asyncio servers).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from loramux_engine.config import EngineConfig
+from loramux_engine.engine.detokenizer import IncrementalDetokenizer, find_stop
+from loramux_engine.engine.kv_cache import KVCacheManager
+from loramux_engine.engine.model_runner import ModelRunner
+from loramux_engine.engine.scheduler import Scheduler
+from loramux_engine.engine.sequence import Sequence
+from loramux_engine.errors import EngineConfigError, InvalidSamplingParamsError, PromptTooLongError
+from loramux_engine.layers.sampler import SampledToken
+from loramux_engine.models.config import load_model_args
+from loramux_engine.outputs import EngineStats, RequestOutput
+from loramux_engine.sampling_params import SamplingParams
+
+_RATE_WINDOW_S = 10.0
+
+
+def _load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        return None  # token ids still work; text and stop strings need a tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        self.model_args = args = load_model_args(config.model_dir)
+        num_cache_rows = config.kv_cache_bytes // (args.kv_bytes_per_token * self.dtype.itemsize)
+        self.max_model_len = config.max_model_len or min(
+            args.max_position_embeddings, num_cache_rows
+        )
+        if self.max_model_len > args.max_position_embeddings:
+            raise EngineConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's context "
+                f"{args.max_position_embeddings}"
+            )
+        if num_cache_rows < self.max_model_len:
+            raise EngineConfigError(
+                f"kv_cache_bytes holds {num_cache_rows} tokens, fewer than max_model_len "
+                f"{self.max_model_len}"
+            )
+        self.tokenizer = _load_tokenizer(config.model_dir)
+        self.eos_token_ids = frozenset(args.eos_token_ids)
+        self.runner = ModelRunner(
+            config.model_dir, args, self.max_model_len, num_cache_rows, self.dtype, self.device
+        )
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.max_num_batched_tokens, KVCacheManager(num_cache_rows)
+        )
+        self._seqs: dict[str, Sequence] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []
+        self._seed_source = random.Random()
+        self._recent: deque[tuple[float, int, int]] = deque()
+        self._stats = EngineStats(kv_cache_tokens_total=num_cache_rows)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise the error ``add_request`` would; safe to call from any thread."""
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(len(prompt_token_ids), self.max_model_len)
+        vocab = self.model_args.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise InvalidSamplingParamsError("stop strings need a tokenizer in the model directory")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        fairness_key: str = "",
+        priority: int = 0,
+        adapter: object | None = None,
+    ) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in the engine")
+        self.validate_request(prompt_token_ids, params)
+        max_len = self.max_model_len
+        if params.max_tokens is not None:
+            max_len = min(max_len, len(prompt_token_ids) + params.max_tokens)
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+            generator = torch.Generator(self.device).manual_seed(seed)
+        seq = Sequence(
+            request_id,
+            prompt_token_ids,
+            params,
+            max_len,
+            fairness_key,
+            priority,
+            adapter,
+            generator,
+        )
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params.skip_special_tokens
+            )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        self.scheduler.finish(seq, "abort")
+        self._pending.append(self._output(seq, []))
+        self._forget(seq)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._seqs)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return outputs
+        num_tokens = sum(s.num_scheduled_tokens for s in seqs)
+        num_prompt = sum(
+            max(0, min(s.num_prompt_tokens - s.num_computed_tokens, s.num_scheduled_tokens))
+            for s in seqs
+        )
+        sampled = self.runner.run(seqs)
+        self.scheduler.postprocess(seqs, [r.token_id if r else None for r in sampled])
+        num_generated = 0
+        for seq, result in zip(seqs, sampled, strict=True):
+            if result is not None:
+                num_generated += 1
+                outputs.append(self._advance(seq, result))
+        self._record(num_tokens, num_prompt, num_generated)
+        return outputs
+
+    def _advance(self, seq: Sequence, result: SampledToken) -> RequestOutput:
+        token_id, params = result.token_id, seq.params
+        if result.logprob is not None:
+            seq.logprobs.append(result.logprob)
+            if result.top_logprobs is not None:
+                seq.top_logprobs.append(result.top_logprobs)
+        reason = None
+        if token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id in self.eos_token_ids
+        ):
+            reason = "stop"
+        elif len(seq) >= seq.max_len:
+            reason = "length"
+        detokenizer = self._detokenizers.get(seq.request_id)
+        if detokenizer is not None:
+            delta = detokenizer.push([token_id])
+            seq.output_text += delta
+            if params.stop and delta:
+                at = find_stop(seq.output_text, len(delta), params.stop)
+                if at >= 0:
+                    seq.output_text = seq.output_text[:at]
+                    reason = "stop"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        output = self._output(seq, seq.output_token_ids[seq.num_emitted_tokens :])
+        if reason is not None:
+            self._forget(seq)
+        return output
+
+    def _output(self, seq: Sequence, new_token_ids: list[int]) -> RequestOutput:
+        holdback = 0
+        if not seq.is_finished and seq.params.stop:
+            holdback = max(len(s) for s in seq.params.stop) - 1
+        end = max(seq.num_emitted_chars, len(seq.output_text) - holdback)
+        text = seq.output_text[seq.num_emitted_chars : end]
+        seq.num_emitted_chars = end
+        first = seq.num_emitted_tokens
+        seq.num_emitted_tokens += len(new_token_ids)
+        wants = seq.params.wants_logprobs
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            text=text,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            logprobs=seq.logprobs[first : seq.num_emitted_tokens] if wants else None,
+            top_logprobs=(
+                seq.top_logprobs[first : seq.num_emitted_tokens]
+                if wants and seq.params.num_top_logprobs
+                else None
+            ),
+        )
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._detokenizers.pop(seq.request_id, None)
+        self._stats.num_finished_total += 1
+
+    def _record(self, num_tokens: int, num_prompt: int, num_generated: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, num_prompt, num_generated))
+        while self._recent and self._recent[0][0] < now - _RATE_WINDOW_S:
+            self._recent.popleft()
+        s = self._stats
+        s.num_steps_total += 1
+        s.num_prompt_tokens_total += num_prompt
+        s.num_generation_tokens_total += num_generated
+        s.last_step_num_tokens = num_tokens
+        s.last_step_num_sampled = num_generated
+        span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else _RATE_WINDOW_S
+        s.prompt_tokens_per_s = sum(r[1] for r in self._recent) / span
+        s.generation_tokens_per_s = sum(r[2] for r in self._recent) / span
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        kv_cache = self.scheduler.kv_cache
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=kv_cache.usage,
+            kv_cache_tokens_total=kv_cache.num_rows,
+            prompt_tokens_per_s=s.prompt_tokens_per_s,
+            generation_tokens_per_s=s.generation_tokens_per_s,
+            num_prompt_tokens_total=s.num_prompt_tokens_total,
+            num_generation_tokens_total=s.num_generation_tokens_total,
+            num_finished_total=s.num_finished_total,
+            num_steps_total=s.num_steps_total,
+            last_step_num_tokens=s.last_step_num_tokens,
+            last_step_num_sampled=s.last_step_num_sampled,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; one aggregated output per prompt, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{id(self)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(request_id, prompt, p)
+        done: dict[str, RequestOutput] = {}
+        while any(i not in done or not done[i].finished for i in ids):
+            for out in self.step():
+                if out.request_id in done:
+                    merged = done[out.request_id]
+                    merged.new_token_ids += out.new_token_ids
+                    merged.text += out.text
+                    merged.finish_reason = out.finish_reason
+                    merged.num_output_tokens = out.num_output_tokens
+                    if merged.logprobs is not None and out.logprobs is not None:
+                        merged.logprobs += out.logprobs
+                    if merged.top_logprobs is not None and out.top_logprobs is not None:
+                        merged.top_logprobs += out.top_logprobs
+                else:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]

@@ -1,0 +1,96 @@
+"""Owns the model and the KV cache; runs one batch of scheduled tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from loramux_engine.engine.sequence import Sequence
+from loramux_engine.layers.sampler import SampledToken, sample
+from loramux_engine.models.config import ModelArgs
+from loramux_engine.utils.context import AttentionSegment, Context, reset_context, set_context
+from loramux_engine.utils.loader import load_model
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: str,
+        args: ModelArgs,
+        max_model_len: int,
+        num_cache_rows: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.device = device
+        self.model = load_model(model_dir, args, max_model_len, dtype, device)
+        # kv_cache: [num_layers, 2, kv_heads, num_cache_rows, head_dim], allocated once
+        self.kv_cache = torch.zeros(
+            args.num_layers,
+            2,
+            args.num_kv_heads,
+            num_cache_rows,
+            args.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache = self.kv_cache[i, 0]
+            attn.v_cache = self.kv_cache[i, 1]
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        cache_positions: list[int] = []
+        segments: list[AttentionSegment] = []
+        slot_ids: list[int] = []
+        sample_rows: list[int] = []
+        for seq in seqs:
+            start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
+            end = start + n
+            offset = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            cache_positions.extend(range(seq.kv_start + start, seq.kv_start + end))
+            slot_ids.extend([seq.adapter_slot] * n)
+            segments.append(AttentionSegment(offset, offset + n, seq.kv_start, seq.kv_start + end))
+            if end == len(seq):
+                sample_rows.append(offset + n - 1)
+        set_context(
+            Context(
+                cache_positions=self._tensor(cache_positions),
+                segments=segments,
+                slot_ids=self._tensor(slot_ids),
+            )
+        )
+        return self._tensor(input_ids), self._tensor(positions), sample_rows
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> list[SampledToken | None]:
+        """One forward over the scheduled tokens; a token for each sequence that reached its end."""
+        ends = [s.num_computed_tokens + s.num_scheduled_tokens == len(s) for s in seqs]
+        input_ids, positions, sample_rows = self._prepare(seqs)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        if not sample_rows:
+            return [None] * len(seqs)
+        sampling = [s for s, end in zip(seqs, ends, strict=True) if end]
+        logits = self.model.compute_logits(hidden[sample_rows])
+        sampled = iter(
+            sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        )
+        return [next(sampled) if end else None for end in ends]
+
+    @torch.inference_mode()
+    def logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [num_scheduled_tokens, vocab] of every scheduled token (prompt scoring)."""
+        input_ids, positions, _ = self._prepare(seqs)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        return self.model.compute_logits(hidden).float()

@@ -1,0 +1,73 @@
+"""A request's state as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from loramux_engine.sampling_params import SamplingParams
+
+_arrivals = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_len: int,
+        fairness_key: str = "",
+        priority: int = 0,
+        adapter: object | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        # Prompt plus everything it may generate: the KV rows it reserves.
+        self.max_len = max_len
+        self.fairness_key = fairness_key
+        self.priority = priority
+        self.adapter = adapter
+        self.adapter_slot = 0  # set by the LoRA layer once the adapter is resident
+        self.generator = generator
+        self.arrival = next(_arrivals)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
+        self.num_scheduled_tokens = 0  # tokens going through the model this step
+        self.kv_start = -1  # first cache row of this sequence's reservation
+        self.output_text = ""
+        self.num_emitted_chars = 0
+        self.num_emitted_tokens = 0
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

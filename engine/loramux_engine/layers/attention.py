@@ -1,0 +1,56 @@
+"""Grouped-query attention over the preallocated KV cache.
+
+Each sequence owns a contiguous run of cache rows, so its keys and values are a
+view of the cache: no gather and no padding. New keys/values are written by index
+first, then every sequence attends over its own view.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramux_engine.utils.context import get_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        # k_cache, v_cache: [num_kv_heads, num_cache_rows, head_dim], bound by the runner
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]
+        context = get_context()
+        self.k_cache.index_copy_(1, context.cache_positions, k.transpose(0, 1))
+        self.v_cache.index_copy_(1, context.cache_positions, v.transpose(0, 1))
+        gqa = self.num_heads != self.num_kv_heads
+        outputs = []
+        for seg in context.segments:
+            num_queries = seg.query_end - seg.query_start
+            num_keys = seg.kv_end - seg.kv_start
+            qs = q[seg.query_start : seg.query_end].transpose(0, 1).unsqueeze(0)
+            ks = self.k_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
+            vs = self.v_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
+            if num_queries == 1:  # decode
+                o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, enable_gqa=gqa)
+            elif num_queries == num_keys:  # whole prompt
+                o = F.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=gqa
+                )
+            else:  # a later chunk of a prompt: causal, aligned to the last key
+                mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).tril(
+                    num_keys - num_queries
+                )
+                o = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+                )
+            outputs.append(o.squeeze(0).transpose(0, 1))
+        # -> [num_tokens, heads * head_dim]
+        return torch.cat(outputs).reshape(q.shape[0], self.num_heads * self.head_dim)

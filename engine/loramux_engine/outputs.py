@@ -1,0 +1,39 @@
+"""What the engine hands back: per-request deltas and engine-wide stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # the text delta since the previous output of this request
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    num_prompt_tokens: int
+    num_output_tokens: int
+    # One entry per new token when logprobs were asked for.
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # reserved fraction of the KV cache
+    kv_cache_tokens_total: int = 0
+    prompt_tokens_per_s: float = 0.0  # over the recent window
+    generation_tokens_per_s: float = 0.0
+    num_prompt_tokens_total: int = 0
+    num_generation_tokens_total: int = 0
+    num_finished_total: int = 0
+    num_steps_total: int = 0
+    last_step_num_tokens: int = 0  # tokens through the model in the latest step
+    last_step_num_sampled: int = 0  # rows through the LM head in the latest step
+    extra: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,58 @@
+"""Build the model on the meta device and load safetensors weights into it by name."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+
+from loramux_engine.errors import ModelLoadError
+from loramux_engine.layers.rotary_embedding import RotaryEmbedding, rope_inv_freq
+from loramux_engine.models.config import ModelArgs
+from loramux_engine.models.llama import LlamaForCausalLM
+
+
+def _read_weights(
+    model_dir: str, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors files in {model_dir!r}")
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return weights
+
+
+def load_model(
+    model_dir: str, args: ModelArgs, max_model_len: int, dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    inv_freq = rope_inv_freq(
+        args.head_dim,
+        args.rope_theta,
+        args.rope_scaling,
+        max_model_len,
+        args.max_position_embeddings,
+    )
+    rotary = RotaryEmbedding(inv_freq, max_model_len).to(device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args, rotary)
+    weights = _read_weights(model_dir, dtype, device)
+    if "lm_head.weight" not in weights:
+        if not args.tie_word_embeddings:
+            raise ModelLoadError("checkpoint has no lm_head.weight and does not tie embeddings")
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(weights))
+    unexpected = sorted(n for n in set(weights) - expected if "rotary_emb" not in n)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"checkpoint does not match a {args.model_type} model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict({n: weights[n] for n in expected}, strict=True, assign=True)
+    return model.eval()
