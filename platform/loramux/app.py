@@ -12,10 +12,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from loramux.api import admin, health, models
+from loramux.api import admin, health, inference, models
 from loramux.auth.backend import ApiKeyBackend, on_auth_error
 from loramux.db.session import make_engine, make_session_factory
 from loramux.errors import APIError, api_error_handler, internal_error_handler
+from loramux.limits import rate_limiter_from_settings
 from loramux.middleware import BodySizeLimit
 from loramux.settings import Settings
 from loramux.state import AppState
@@ -27,7 +28,7 @@ def base_model_id(settings: Settings) -> str:
     return path.name if path.is_dir() else settings.model
 
 
-def build_state(settings: Settings, *, storage: Any = None) -> AppState:
+def build_state(settings: Settings, *, storage: Any = None, engine: Any = None) -> AppState:
     from loramux.storage import storage_from_settings
 
     db_engine = make_engine(settings.resolved_database_url)
@@ -38,6 +39,8 @@ def build_state(settings: Settings, *, storage: Any = None) -> AppState:
         storage=storage if storage is not None else storage_from_settings(settings),
         base_model_id=base_model_id(settings),
         base_model_created=int(time.time()),
+        limiter=rate_limiter_from_settings(settings),
+        engine=engine,
     )
 
 
@@ -47,13 +50,17 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if app_state.engine is not None:
+            app_state.engine.start()
         try:
             yield
         finally:
+            if app_state.engine is not None:
+                app_state.engine.shutdown()
             app_state.db_engine.dispose()
 
     app = Starlette(
-        routes=[*health.routes, *models.routes, *admin.routes],
+        routes=[*health.routes, *models.routes, *inference.routes, *admin.routes],
         middleware=[
             Middleware(
                 BodySizeLimit,

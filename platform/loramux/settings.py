@@ -32,7 +32,27 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = 512 * 1024 * 1024
     max_lora_rank: int = 64
     rate_limit_window_s: float = 60.0
+
+    engine_max_num_seqs: int = 64
+    engine_max_model_len: int | None = 2048
+    engine_kv_cache_bytes: int = 1 << 30
+    engine_max_batched_tokens: int = 2048
+
+    default_max_tokens: int = 256
+    max_tokens_cap: int = 4096
+    max_n: int = 8
     require_services: bool = False
+
+    # Adapter lifecycle: how long an upload may hold its blobs before cleanup may take them
+    # (also the presigned URL's lifetime), how long a validation may run before it is
+    # enqueued again, and how often the cleanup task runs.
+    adapter_upload_ttl_s: int = 3600
+    adapter_validation_timeout_s: int = 600
+    cleanup_interval_s: int = 900
+
+    # The CLI's client side (`loramux adapters push`): LORAMUX_BASE_URL, LORAMUX_API_KEY.
+    base_url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr | None = None
 
     @property
     def resolved_database_url(self) -> str:

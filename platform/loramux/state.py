@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux.limits import RateLimiter
 from loramux.settings import Settings
 
 
@@ -19,6 +20,7 @@ class AppState:
     storage: Any
     base_model_id: str
     base_model_created: int
+    limiter: RateLimiter
     # The EngineClient (loramux.engine_client); None until the engine is wired in.
     engine: Any = None
     extras: dict[str, Any] = field(default_factory=dict)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from loramux.api.common import principal, state
+from loramux.resolve import ready_adapters
 
 
 async def list_models(request: Request) -> JSONResponse:
-    principal(request, "inference")
+    user = principal(request, "inference")
     app_state = state(request)
     base = {
         "id": app_state.base_model_id,
@@ -19,7 +23,24 @@ async def list_models(request: Request) -> JSONResponse:
         "owned_by": "loramux",
         "parent": None,
     }
-    return JSONResponse({"object": "list", "data": [base]})
+
+    def adapters() -> list[dict[str, Any]]:
+        if user.tenant_id is None:
+            return []
+        with app_state.sessions() as session:
+            return [
+                {
+                    "id": adapter.name,
+                    "object": "model",
+                    "created": int(version.created_at.timestamp()),
+                    "owned_by": user.tenant_name,
+                    "parent": app_state.base_model_id,
+                    "version": version.version,
+                }
+                for adapter, version in ready_adapters(session, user.tenant_id)
+            ]
+
+    return JSONResponse({"object": "list", "data": [base, *await run_in_threadpool(adapters)]})
 
 
 routes = [Route("/v1/models", list_models, methods=["GET"])]

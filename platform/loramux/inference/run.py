@@ -1,0 +1,272 @@
+"""One OpenAI-style generation: admission, the engine run, usage, and the response.
+
+Shared by the HTTP routes and the batch worker so both bill and limit the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from loramux.db.models import Tenant
+from loramux.engine_client import INTERACTIVE_PRIORITY, EngineClient
+from loramux.errors import InvalidRequest, ServiceUnavailable
+from loramux.inference import render
+from loramux.inference.request import GenerationRequest
+from loramux.limits import Admission, Limits
+from loramux.resolve import ResolvedModel, resolve_model
+from loramux.state import AppState
+from loramux.usage import check_monthly_quota, record_usage
+from loramux_engine.errors import PromptTooLongError
+from loramux_engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Choice:
+    index: int
+    outputs: list[RequestOutput] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(o.new_token_ids) for o in self.outputs)
+
+
+@dataclass
+class Generation:
+    """A request admitted to the engine; iterate ``events()`` once, then ``close()``."""
+
+    app_state: AppState
+    engine: EngineClient
+    request: GenerationRequest
+    resolved: ResolvedModel
+    tenant_id: str
+    api_key_id: str | None
+    admission: Admission
+    priority: int = INTERACTIVE_PRIORITY
+    billing_key: str | None = None
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    choices: list[Choice] = field(default_factory=list)
+    status: str = "cancelled"
+    started: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
+        self.id = self.id or prefix + secrets.token_hex(12)
+        self.choices = [Choice(i) for i in range(self.request.num_choices)]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.request.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    async def events(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Outputs of every choice as they come, interleaved."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        params = self.request.params
+
+        async def pump(index: int, prompt: list[int]) -> None:
+            choice_params = params
+            if params.seed is not None and index:
+                choice_params = _replace_seed(params, params.seed + index)
+            try:
+                async for out in self.engine.generate(
+                    f"{self.id}-{index}",
+                    prompt,
+                    choice_params,
+                    fairness_key=self.tenant_id,
+                    priority=self.priority,
+                    adapter=self.resolved.adapter,
+                ):
+                    await queue.put((index, out))
+                await queue.put((index, None))
+            except BaseException as error:  # delivered to the consumer, which re-raises
+                await queue.put((index, error))
+
+        n = self.request.n
+        tasks = [
+            asyncio.create_task(pump(i, self.request.prompts[i // n]))
+            for i in range(self.request.num_choices)
+        ]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                choice = self.choices[index]
+                choice.outputs.append(item)
+                choice.text += item.text
+                if item.finish_reason is not None:
+                    choice.finish_reason = item.finish_reason
+                yield choice, item
+            self.status = "ok"
+        except Exception:
+            self.status = "error"
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Give back unused tokens and write the usage record, even when cancelled."""
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            used = self.prompt_tokens + self.completion_tokens
+            try:
+                await self.app_state.limiter.finish(self.admission, used)
+            except Exception:  # the record below must be written whatever the limiter does
+                logger.exception("rate limiter release failed for %s", self.id)
+            await run_in_threadpool(self._record)
+
+    def _record(self) -> None:
+        with self.app_state.sessions() as session:
+            record_usage(
+                session,
+                tenant_id=self.tenant_id,
+                api_key_id=self.api_key_id,
+                adapter_version_id=self.resolved.adapter_version_id,
+                request_id=self.id,
+                endpoint="/v1/chat/completions"
+                if self.request.kind == "chat"
+                else "/v1/completions",
+                billing_key=self.billing_key,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                latency_ms=int((time.monotonic() - self.started) * 1000),
+                status=self.status,
+            )
+            session.commit()
+
+
+def _replace_seed(params: Any, seed: int) -> Any:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+def check_context(request: GenerationRequest, max_model_len: int) -> None:
+    """A prompt over the context is a 400; an unspecified max_tokens shrinks to fit."""
+    longest = max(len(p) for p in request.prompts)
+    max_tokens = request.params.max_tokens or 0
+    if longest >= max_model_len or (
+        request.max_tokens_given and longest + max_tokens > max_model_len
+    ):
+        asked = longest + (max_tokens if request.max_tokens_given else 1)
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {asked} tokens ({longest} in the prompt, "
+            f"{asked - longest} for the completion). Please reduce the prompt or max_tokens.",
+            param="messages" if request.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    if longest + max_tokens > max_model_len:
+        request.params.max_tokens = max_model_len - longest
+
+
+async def admit(
+    app_state: AppState,
+    request: GenerationRequest,
+    *,
+    tenant_id: str,
+    api_key_id: str | None,
+    priority: int = INTERACTIVE_PRIORITY,
+    billing_key: str | None = None,
+) -> Generation:
+    """Quota, model resolution, context check and rate limits, in that order."""
+    engine: EngineClient | None = app_state.engine
+    if engine is None:
+        raise ServiceUnavailable("the inference engine is not running on this server")
+
+    def prepare() -> tuple[ResolvedModel, Limits]:
+        with app_state.sessions() as session:
+            check_monthly_quota(session, tenant_id)
+            resolved = resolve_model(session, tenant_id, request.model, app_state.base_model_id)
+            tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id)).one()
+            limits = Limits(
+                tenant.requests_per_minute, tenant.tokens_per_minute, tenant.max_concurrent_requests
+            )
+            return resolved, limits
+
+    resolved, limits = await run_in_threadpool(prepare)
+    try:
+        check_context(request, engine.max_model_len)
+    except PromptTooLongError as error:
+        raise InvalidRequest(str(error), code="context_length_exceeded") from error
+    generation_id = ("chatcmpl-" if request.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    admission = await app_state.limiter.admit(
+        tenant_id, generation_id, limits, request.reserved_tokens
+    )
+    return Generation(
+        app_state,
+        engine,
+        request,
+        resolved,
+        tenant_id,
+        api_key_id,
+        admission,
+        priority=priority,
+        billing_key=billing_key,
+        id=generation_id,
+    )
+
+
+def response_body(gen: Generation) -> dict[str, Any]:
+    tokenizer = gen.engine.tokenizer
+    want_logprobs = gen.request.params.wants_logprobs
+    choices = []
+    for choice in gen.choices:
+        if gen.request.kind == "chat":
+            choices.append(
+                {
+                    "index": choice.index,
+                    "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                    "logprobs": render.chat_logprobs(tokenizer, choice.outputs)
+                    if want_logprobs
+                    else None,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": choice.index,
+                    "text": choice.text,
+                    "logprobs": render.completion_logprobs(tokenizer, choice.outputs, 0)
+                    if want_logprobs
+                    else None,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+    return {
+        "id": gen.id,
+        "object": "chat.completion" if gen.request.kind == "chat" else "text_completion",
+        "created": gen.created,
+        "model": gen.request.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": render.usage(gen.prompt_tokens, gen.completion_tokens),
+    }

@@ -1,0 +1,83 @@
+"""Usage metering and the monthly token quota."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import Date, cast, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from loramux.db.models import Adapter, AdapterVersion, Tenant, UsageRecord
+from loramux.errors import QuotaExceeded
+
+
+def month_start(now: datetime | None = None) -> datetime:
+    now = now or datetime.now(UTC)
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def tokens_this_month(session: Session, tenant_id: str) -> int:
+    total = session.scalar(
+        select(
+            func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0)
+        )
+        .where(UsageRecord.tenant_id == tenant_id)
+        .where(UsageRecord.created_at >= month_start())
+    )
+    return int(total or 0)
+
+
+def check_monthly_quota(session: Session, tenant_id: str) -> None:
+    quota = session.scalar(select(Tenant.monthly_token_quota).where(Tenant.id == tenant_id))
+    if quota is not None and tokens_this_month(session, tenant_id) >= quota:
+        raise QuotaExceeded(
+            "You exceeded your monthly token quota; ask your administrator to raise it.",
+        )
+
+
+def record_usage(session: Session, **fields: Any) -> bool:
+    """Insert one usage record; False if its ``billing_key`` was already billed."""
+    try:
+        with session.begin_nested():
+            session.add(UsageRecord(**fields))
+    except IntegrityError:
+        if fields.get("billing_key") is None:
+            raise
+        return False
+    return True
+
+
+def usage_by_day(session: Session, tenant_id: str, start: date, end: date) -> list[dict[str, Any]]:
+    """The tenant's totals per day and adapter (the base model as null), start <= day < end."""
+    day = cast(UsageRecord.created_at, Date)
+    rows = session.execute(
+        select(
+            day.label("day"),
+            Adapter.name,
+            AdapterVersion.version,
+            func.count(UsageRecord.id),
+            func.sum(UsageRecord.prompt_tokens),
+            func.sum(UsageRecord.completion_tokens),
+        )
+        .outerjoin(AdapterVersion, AdapterVersion.id == UsageRecord.adapter_version_id)
+        .outerjoin(Adapter, Adapter.id == AdapterVersion.adapter_id)
+        .where(UsageRecord.tenant_id == tenant_id)
+        .where(UsageRecord.created_at >= datetime.combine(start, datetime.min.time(), UTC))
+        .where(UsageRecord.created_at < datetime.combine(end, datetime.min.time(), UTC))
+        .group_by(day, Adapter.name, AdapterVersion.version)
+        .order_by(day, Adapter.name, AdapterVersion.version)
+    ).all()
+    return [
+        {
+            "date": str(row[0]),
+            "adapter": row[1],
+            "adapter_version": row[2],
+            "num_requests": int(row[3]),
+            "prompt_tokens": int(row[4] or 0),
+            "completion_tokens": int(row[5] or 0),
+            "total_tokens": int((row[4] or 0) + (row[5] or 0)),
+        }
+        for row in rows
+    ]
