@@ -132,11 +132,12 @@ def resolve_model(name_or_path: str, models_dir: Path) -> Path:
     if name_or_path not in KNOWN_MODELS and ("/" in name_or_path or name_or_path.startswith(".")):
         raise ModelError(f"model directory {path} does not exist")
     model_dir = models_dir / _known(name_or_path).name
-    if not _is_pulled(model_dir):
-        raise ModelError(
-            f"model {name_or_path!r} is not pulled into {models_dir}; "
-            f"run `loramux models pull {name_or_path}`"
-        )
+    pull = f"run `loramux models pull {name_or_path}`"
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise ModelError(f"model {name_or_path!r} is not pulled into {models_dir}; {pull}")
+    if problems := _missing_files(model_dir, manifest):
+        raise ModelError(f"{model_dir} is corrupt ({'; '.join(problems)}); {pull} to replace it")
     return model_dir
 
 

