@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     rate_limit_window_s: float = 60.0
 
     engine_max_num_seqs: int = 64
-    engine_max_model_len: int | None = 2048
+    engine_max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     engine_kv_cache_bytes: int = 1 << 30
     engine_max_batched_tokens: int = 2048
 

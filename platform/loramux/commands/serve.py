@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import uvicorn
 from sqlalchemy import select, update
 
 from loramux import tenancy
-from loramux.app import create_app
+from loramux.app import build_state, create_app
 from loramux.db.migrate import upgrade
 from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
+from loramux.engine_client import engine_client_from_settings
+from loramux.models import ModelError
 from loramux.settings import Settings, get_settings
+from loramux.storage import storage_from_settings
+from loramux_engine.errors import EngineConfigError, ModelLoadError
 
 DEMO_TENANT = "demo"
 DEMO_KEY_NAME = "make-serve"
@@ -57,5 +62,12 @@ def main(args: argparse.Namespace) -> int:
             f"http://{settings.host}:{settings.port}/v1/models",
             flush=True,
         )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    storage = storage_from_settings(settings)
+    try:
+        engine = engine_client_from_settings(settings, storage)
+    except (ModelError, EngineConfigError, ModelLoadError) as error:
+        print(f"error: cannot start the engine: {error}", file=sys.stderr)
+        return 1
+    app = create_app(settings, app_state=build_state(settings, storage=storage, engine=engine))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
