@@ -47,7 +47,7 @@ async def create_tenant(request: Request) -> JSONResponse:
 
     def run() -> dict[str, Any]:
         with transaction(state(request).sessions) as session:
-            tenant = tenancy.create_tenant(session, body.get("name"), body, actor=actor)
+            tenant = tenancy.create_tenant(session, body.get("name", ""), body, actor=actor)
             return tenancy.tenant_view(tenant)
 
     return JSONResponse(await run_in_threadpool(run), status_code=201)

@@ -16,7 +16,7 @@ from loramux.db.models import Adapter, AdapterVersion, Batch, File, UsageRecord
 TenantOwned = TypeVar("TenantOwned", Adapter, AdapterVersion, File, Batch, UsageRecord)
 
 
-def scoped(model: type[TenantOwned], tenant_id: str) -> Select[tuple[TenantOwned]]:
+def scoped(model: type[TenantOwned], tenant_id: str) -> Select[TenantOwned]:
     """``SELECT`` of ``model`` limited to ``tenant_id``, hiding soft-deleted rows."""
     query = select(model).where(model.tenant_id == tenant_id)
     deleted_at: Any = getattr(model, "deleted_at", None)
