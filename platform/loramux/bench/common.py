@@ -1,0 +1,98 @@
+"""Shared benchmark pieces: seeded workloads, latency summaries, the table and the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    num_requests: int
+    min_prompt_tokens: int
+    max_prompt_tokens: int
+    output_tokens: int
+    seed: int = 0
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        """Random token ids, seeded; low ids are skipped as they hold special tokens."""
+        rng = random.Random(self.seed)
+        low = 100 if vocab_size > 1000 else 3
+        return [
+            [rng.randrange(low, vocab_size) for _ in range(n)]
+            for n in (
+                rng.randint(self.min_prompt_tokens, self.max_prompt_tokens)
+                for _ in range(self.num_requests)
+            )
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class SystemResult:
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_run(
+        cls, num_tokens: int, seconds: float, ttfts: Sequence[float], **extra: Any
+    ) -> SystemResult:
+        return cls(
+            tokens_per_s=num_tokens / seconds,
+            ttft_p50_s=percentile(ttfts, 50),
+            ttft_p95_s=percentile(ttfts, 95),
+            extra=dict(extra),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": self.tokens_per_s,
+            "ttft_p50_s": self.ttft_p50_s,
+            "ttft_p95_s": self.ttft_p95_s,
+            **self.extra,
+        }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def format_table(systems: dict[str, SystemResult]) -> str:
+    header = f"{'system':<16} {'tokens/s':>10} {'TTFT p50 (s)':>13} {'TTFT p95 (s)':>13}"
+    lines = [header, "-" * len(header)]
+    for name, r in systems.items():
+        lines.append(
+            f"{name:<16} {r.tokens_per_s:>10.1f} {r.ttft_p50_s:>13.3f} {r.ttft_p95_s:>13.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    path: str | None,
+    workload: dict[str, Any],
+    systems: dict[str, SystemResult],
+    ratios: dict[str, float],
+) -> dict[str, Any]:
+    report = {
+        "workload": workload,
+        "systems": {name: r.as_dict() for name, r in systems.items()},
+        "ratios": ratios,
+    }
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    return report

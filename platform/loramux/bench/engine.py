@@ -1,0 +1,211 @@
+"""`loramux bench engine`: our engine vs transformers' generate vs the matmul bound.
+
+One seeded workload, all requests submitted at once, greedy, fixed output length.
+The matmul bound replays the engine's own step shapes (tokens through the model,
+rows through the LM head) as bare weight matmuls: the time the linear layers alone
+need for the same batches, the practical limit on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loramux.bench.common import SystemResult, Workload, format_table, write_report
+
+FULL = Workload(num_requests=64, min_prompt_tokens=16, max_prompt_tokens=256, output_tokens=64)
+QUICK = Workload(num_requests=8, min_prompt_tokens=8, max_prompt_tokens=32, output_tokens=8)
+HF_BATCH = {FULL: 16, QUICK: 4}
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    from loramux.models import resolve_model
+    from loramux.settings import get_settings
+
+    settings = get_settings()
+    return resolve_model(model or settings.model, settings.models_dir)
+
+
+def run_engine(
+    model_dir: Path, prompts: list[list[int]], output_tokens: int
+) -> tuple[SystemResult, Any, list[tuple[int, int]], list[int]]:
+    """Returns the result, the engine, each step's (num_tokens, num_sampled), first-token steps."""
+    from loramux_engine import EngineConfig, LLMEngine, SamplingParams
+
+    config = EngineConfig(str(model_dir), dtype="float32", max_num_seqs=len(prompts))
+    engine = LLMEngine(config)
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    engine.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    steps: list[tuple[int, int]] = []
+    first_step: dict[str, int] = {}
+    ttft: dict[str, float] = {}
+    num_tokens = 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        stats = engine.stats()
+        steps.append((stats.last_step_num_tokens, stats.last_step_num_sampled))
+        for out in outputs:
+            num_tokens += len(out.new_token_ids)
+            if out.new_token_ids and out.request_id not in ttft:
+                ttft[out.request_id] = now
+                first_step[out.request_id] = len(steps) - 1
+    elapsed = time.perf_counter() - start
+    result = SystemResult.from_run(
+        num_tokens, elapsed, list(ttft.values()), elapsed_s=elapsed, num_steps=len(steps)
+    )
+    return result, engine, steps, [first_step[str(i)] for i in range(len(prompts))]
+
+
+def _time_matmuls(linears: list[Any], lm_head: Any, num_tokens: int, num_sampled: int) -> float:
+    device = lm_head.weight.device
+    inputs = {m.in_features: torch.randn(num_tokens, m.in_features, device=device) for m in linears}
+    head_in = torch.randn(num_sampled, lm_head.in_features, device=device)
+    best = float("inf")
+    for _ in range(2):
+        _sync(device)
+        start = time.perf_counter()
+        for m in linears:
+            F.linear(inputs[m.in_features], m.weight, m.bias)
+        if num_sampled:
+            F.linear(head_in, lm_head.weight)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def run_matmul_bound(
+    engine: Any, steps: list[tuple[int, int]], first_steps: list[int], num_tokens: int
+) -> SystemResult:
+    from loramux_engine.layers.linear import Linear
+
+    model = engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
+    seconds: dict[tuple[int, int], float] = {}
+    cumulative, total = [], 0.0
+    for shape in steps:
+        if shape not in seconds:
+            seconds[shape] = _time_matmuls(linears, model.lm_head, *shape)
+        total += seconds[shape]
+        cumulative.append(total)
+    decode_batch = max(sampled for _, sampled in steps)
+    decode_s = seconds.get((decode_batch, decode_batch)) or _time_matmuls(
+        linears, model.lm_head, decode_batch, decode_batch
+    )
+    return SystemResult.from_run(
+        num_tokens,
+        total,
+        [cumulative[s] for s in first_steps],
+        elapsed_s=total,
+        decode_batch_size=decode_batch,
+        decode_only_tokens_per_s=decode_batch / decode_s,
+    )
+
+
+@torch.inference_mode()
+def run_transformers(
+    model_dir: Path, prompts: list[list[int]], output_tokens: int, batch_size: int
+) -> SystemResult:
+    from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.to(device).eval()
+    pad = model.generation_config.pad_token_id
+    pad = pad if isinstance(pad, int) else 0
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=output_tokens,
+        min_new_tokens=output_tokens,
+        pad_token_id=pad,
+        eos_token_id=model.generation_config.eos_token_id,
+    )
+
+    class FirstToken(StoppingCriteria):  # called once per generated token
+        at: float | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            if self.at is None:
+                self.at = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def generate(batch: list[list[int]], stop: list[Any]) -> int:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop
+        )
+        return int(out.shape[0] * (out.shape[1] - width))
+
+    generate([prompts[0][:8]], [])  # warm-up
+    ttfts: list[float] = []
+    num_tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        first = FirstToken()
+        batch = prompts[i : i + batch_size]
+        num_tokens += generate(batch, [first])
+        ttfts += [(first.at or time.perf_counter()) - start] * len(batch)
+    elapsed = time.perf_counter() - start
+    return SystemResult.from_run(
+        num_tokens, elapsed, ttfts, elapsed_s=elapsed, batch_size=batch_size
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    workload = QUICK if args.quick else FULL
+    model_dir = resolve_model_dir(args.model)
+    print(f"model {model_dir}, {torch.get_num_threads()} threads", file=sys.stderr)
+    systems: dict[str, SystemResult] = {}
+    prompts = workload.prompts(_vocab_size(model_dir))
+    engine_result, engine, steps, first_steps = run_engine(
+        model_dir, prompts, workload.output_tokens
+    )
+    systems["engine"] = engine_result
+    num_tokens = workload.num_requests * workload.output_tokens
+    systems["matmul_bound"] = run_matmul_bound(engine, steps, first_steps, num_tokens)
+    del engine
+    gc.collect()
+    systems["transformers"] = run_transformers(
+        model_dir, prompts, workload.output_tokens, HF_BATCH[workload]
+    )
+    ratios = {
+        "engine_vs_transformers": engine_result.tokens_per_s / systems["transformers"].tokens_per_s,
+        "engine_vs_matmul_bound": engine_result.tokens_per_s / systems["matmul_bound"].tokens_per_s,
+    }
+    details = {
+        **workload.as_dict(),
+        "model_dir": str(model_dir),
+        "dtype": "float32",
+        "greedy": True,
+        "threads": torch.get_num_threads(),
+        "transformers_batch_size": HF_BATCH[workload],
+    }
+    print(format_table(systems))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    write_report(args.json_path, details, systems, ratios)
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _vocab_size(model_dir: Path) -> int:
+    from loramux_engine.models.config import load_model_args
+
+    return load_model_args(str(model_dir)).vocab_size
