@@ -130,6 +130,31 @@ class AdapterVersion(Base):
     ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class AdapterUpload(Base):
+    """An adapter upload in flight; while pending and unexpired it leases its blobs.
+
+    The cleanup task deletes no blob a pending upload names, so blobs stored before the
+    registry commit are safe until ``expires_at``. Direct uploads delete their row at
+    commit; presigned ones keep it (``completed``) so a retried complete is idempotent.
+    """
+
+    __tablename__ = "adapter_uploads"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("upl_"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    config_text: Mapped[str | None] = mapped_column(Text)
+    weights_bytes: Mapped[int] = mapped_column(BigInteger)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    staging_key: Mapped[str | None] = mapped_column(String(255))
+    version_id: Mapped[str | None] = mapped_column(String(40))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created()
+
+
 class File(Base):
     """An OpenAI Files API object; the blob lives at ``storage_key``."""
 
@@ -233,6 +258,7 @@ class IdempotencyKey(Base):
 
 __all__ = [
     "Adapter",
+    "AdapterUpload",
     "AdapterVersion",
     "ApiKey",
     "AuditLog",

@@ -1,0 +1,68 @@
+"""The full check of an adapter's two files against the base model, with bounded memory.
+
+In order, each step before any data the next one reads: the config (upload rules, then
+the engine's resolution against the base model), the safetensors header (structure, then
+the engine's names and shapes), then the values, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loramux.adapters.base_shape import max_adapter_tensors
+from loramux.adapters.config_check import MAX_CONFIG_BYTES, check_config_bytes
+from loramux.adapters.errors import AdapterRejected
+from loramux.adapters.safetensors_header import WEIGHTS_NAME, read_safetensors_header
+from loramux_engine.lora.adapter import check_weights_header
+from loramux_engine.lora.errors import UnsupportedAdapterError
+from loramux_engine.lora.peft_config import resolve_peft_config
+from loramux_engine.lora.shape import BaseModelShape
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedAdapter:
+    rank: int
+    alpha: float
+    target_modules: list[str]
+
+
+def validate_adapter_files(
+    config_path: Path, weights_path: Path, shape: BaseModelShape, max_rank: int
+) -> ValidatedAdapter:
+    """Raise ``AdapterRejected`` with the reason, or describe the adapter the engine will see."""
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterRejected(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
+    summary = check_config_bytes(config_path.read_bytes(), max_rank)
+    try:
+        resolved = resolve_peft_config(summary.config, shape, max_rank)
+        with weights_path.open("rb") as stream:
+            header = read_safetensors_header(
+                stream, weights_path.stat().st_size, max_tensors=max_adapter_tensors(shape)
+            )
+        check_weights_header(resolved, header.as_file_bytes(), shape)
+    except UnsupportedAdapterError as error:
+        raise AdapterRejected(str(error)) from None
+    _check_values(weights_path)
+    return ValidatedAdapter(
+        rank=resolved.max_rank,
+        alpha=resolved.lora_alpha,
+        target_modules=list(resolved.target_projections),
+    )
+
+
+def _check_values(weights_path: Path) -> None:
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = weights.get_tensor(name)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise AdapterRejected(
+                        f"{WEIGHTS_NAME}: tensor {name!r} contains NaN or infinite values"
+                    )
+                del tensor
+    except SafetensorError as error:
+        raise AdapterRejected(f"{WEIGHTS_NAME} cannot be read: {error}") from None

@@ -1,0 +1,45 @@
+"""The one Celery configuration, shared by the worker app and the API's producer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+
+QUEUE = "loramux"
+VALIDATE_ADAPTER_VERSION = "loramux.validate_adapter_version"
+CLEANUP_ORPHANED_BLOBS = "loramux.cleanup_orphaned_blobs"
+
+
+def make_celery(
+    broker_url: str, *, include: Sequence[str] = (), cleanup_interval_s: float | None = None
+) -> Celery:
+    """State lives in the registry, so there is no result backend; JSON only, never pickle.
+
+    Acks late with reject-on-lost and prefetch 1: a worker that dies mid-task leaves its
+    message to be redelivered, and every task is idempotent by its row id.
+    """
+    app = Celery("loramux", broker=broker_url, include=list(include), set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        broker_connection_retry_on_startup=True,
+        # A publish to a broker that is down gives up quickly: the API answers, and the
+        # cleanup task re-enqueues what was not sent.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+    )
+    if cleanup_interval_s:
+        app.conf.beat_schedule = {
+            "cleanup-orphaned-blobs": {
+                "task": CLEANUP_ORPHANED_BLOBS,
+                "schedule": cleanup_interval_s,
+            }
+        }
+    return app
