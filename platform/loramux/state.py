@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.limits import RateLimiter
+from loramux.metrics import Metrics
 from loramux.settings import Settings
 
 
@@ -21,6 +22,11 @@ class AppState:
     base_model_id: str
     base_model_created: int
     limiter: RateLimiter
-    # The EngineClient (loramux.engine_client); None until the engine is wired in.
+    # The EngineClient (loramux.engine_client); None when this process serves no engine.
     engine: Any = None
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engine)
+
     extras: dict[str, Any] = field(default_factory=dict)

@@ -115,6 +115,10 @@ class Generation:
                 if isinstance(item, BaseException):
                     raise item
                 choice = self.choices[index]
+                if item.new_token_ids and not any(c.outputs for c in self.choices):
+                    self.app_state.metrics.time_to_first_token.observe(
+                        time.monotonic() - self.started
+                    )
                 choice.outputs.append(item)
                 choice.text += item.text
                 if item.finish_reason is not None:
@@ -134,6 +138,8 @@ class Generation:
         if self.closed:
             return
         self.closed = True
+        self.app_state.metrics.e2e_request_latency.observe(time.monotonic() - self.started)
+        self.app_state.metrics.requests.labels(status=self.status).inc()
         with anyio.CancelScope(shield=True):
             used = self.prompt_tokens + self.completion_tokens
             try:

@@ -175,3 +175,21 @@ def test_rate_limit_and_monthly_quota(client, make_tenant) -> None:  # type: ign
         error_of(client.post("/v1/completions", headers=h, json=ok), 429)["code"]
         == "insufficient_quota"
     )
+
+
+def test_metrics_are_exposed_in_prometheus_format(client, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    _, key = make_tenant("acme")
+    model = client.get("/v1/models", headers=bearer(key)).json()["data"][0]["id"]
+    client.post(
+        "/v1/completions",
+        headers=bearer(key),
+        json={"model": model, "prompt": "x", "max_tokens": 3},
+    ).raise_for_status()
+    text = client.get("/metrics").text
+    assert 'loramux:requests_total{status="ok"} 1.0' in text
+    assert "loramux:time_to_first_token_seconds_count 1.0" in text
+    assert "loramux:num_requests_running 0.0" in text
+    generated = [
+        line for line in text.splitlines() if line.startswith("loramux:generation_tokens_total")
+    ]
+    assert generated and float(generated[0].split()[-1]) >= 3
