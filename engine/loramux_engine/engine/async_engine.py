@@ -103,8 +103,8 @@ class AsyncLLMEngine:
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            if not finished:  # nobody listens any more, so no abort output either
+                self._submit(request_id, lambda: self.engine.abort(request_id, emit_output=False))
 
     def _submit(self, request_id: str, command: Callable[[], None]) -> None:
         self._commands.put((request_id, command))
@@ -131,6 +131,7 @@ class AsyncLLMEngine:
                 except Exception as e:  # a refused request fails only its own stream
                     self._deliver(request_id, e)
             if not self.engine.has_unfinished():
+                self._stats = self.engine.stats()
                 self._wake.wait()
                 self._wake.clear()
                 continue
@@ -146,5 +147,5 @@ class AsyncLLMEngine:
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in self.engine.unfinished_request_ids():
-            self.engine.abort(request_id)
+            self.engine.abort(request_id, emit_output=False)
             self._deliver(request_id, error)

@@ -39,6 +39,17 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.tokens)
         return full[len(prefix) :]
 
+    def flush(self) -> str:
+        """The text still held back (an incomplete character decodes as U+FFFD)."""
+        decode = self.tokenizer.decode
+        skip = self.skip_special_tokens
+        prefix = decode(
+            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=skip
+        )
+        full = decode(self.tokens[self.prefix_offset :], skip_special_tokens=skip)
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        return full[len(prefix) :]
+
 
 def find_stop(text: str, num_new_chars: int, stop: Sequence[str]) -> int:
     """Index where the earliest stop string starts in ``text``, or -1.

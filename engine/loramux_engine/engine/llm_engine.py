@@ -122,12 +122,14 @@ class LLMEngine:
             )
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, emit_output: bool = True) -> None:
+        """Stop a request; the next ``step`` reports it with finish_reason "abort"."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.is_finished:
             return
         self.scheduler.finish(seq, "abort")
-        self._pending.append(self._output(seq, []))
+        if emit_output:
+            self._pending.append(self._output(seq, []))
         self._forget(seq)
 
     def unfinished_request_ids(self) -> list[str]:
@@ -172,6 +174,8 @@ class LLMEngine:
         detokenizer = self._detokenizers.get(seq.request_id)
         if detokenizer is not None:
             delta = detokenizer.push([token_id])
+            if reason is not None:
+                delta += detokenizer.flush()
             seq.output_text += delta
             if params.stop and delta:
                 at = find_stop(seq.output_text, len(delta), params.stop)
