@@ -47,16 +47,17 @@ def adapter_maker(root: Path) -> MakeAdapter:
         lora.setdefault("r", 4)
         lora.setdefault("lora_alpha", 8)
         lora.setdefault("target_modules", "all-linear")
-        with warnings.catch_warnings():
-            # transformers 5 deprecates an attribute PEFT still reads.
-            warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=False, **lora))
-        torch.manual_seed(seed)
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.data = torch.randn_like(param) * 0.5
         path = root / f"adapter-{next(counter)}"
-        model.save_pretrained(path)
+        with warnings.catch_warnings():
+            # PEFT warns about the odd configs the refusal tests build on purpose, and
+            # transformers 5 deprecates an attribute PEFT still reads.
+            warnings.simplefilter("ignore")
+            model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=False, **lora))
+            torch.manual_seed(seed)
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.data = torch.randn_like(param) * 0.5
+            model.save_pretrained(path)
         return path, model.eval()
 
     return make
