@@ -145,6 +145,8 @@ class _TargetMatcher:
         self.exclude: str | set[str] = exclude if isinstance(exclude, str) else set(exclude or ())
         self.layers = config.get("layers_to_transform")
         self.layers_pattern = config.get("layers_pattern")
+        if isinstance(targets, str) and (self.layers is not None or self.layers_pattern):
+            raise _refuse("layers_to_transform and layers_pattern need target_modules as a list")
         if self.layers is not None and not (
             isinstance(self.layers, int)
             or (isinstance(self.layers, list) and all(isinstance(i, int) for i in self.layers))
