@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loramux.app import build_state, create_app
-from loramux.settings import Settings
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
+from loramux.app import build_state, create_app
+from loramux.settings import Settings
 from tests.fixtures.celery import CeleryWorker
 from tests.platform.conftest import ADMIN_KEY
 
@@ -66,7 +66,12 @@ def make_peft_adapter(
     made: dict[tuple[Any, ...], Path] = {}
 
     def make(seed: int = 0, **lora: Any) -> Path:
-        lora = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"], **lora}
+        lora = {
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            **lora,
+        }
         key = (seed, repr(sorted(lora.items())))
         if key not in made:
             out = tmp_path_factory.mktemp("peft-adapter")

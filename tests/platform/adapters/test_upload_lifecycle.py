@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from loramux.db.models import Adapter, AdapterVersion, AuditLog
-from loramux.resolve import resolve_model
-from loramux.storage import storage_from_settings
-from loramux_engine.lora.ref import adapter_sha256
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
+from loramux.db.models import Adapter, AdapterVersion, AuditLog
+from loramux.resolve import resolve_model
+from loramux.storage import storage_from_settings
+from loramux_engine.lora.ref import adapter_sha256
 from tests.platform.adapters.helpers import (
     CONFIG,
     WEIGHTS,
@@ -70,11 +70,13 @@ def test_a_new_upload_under_a_name_makes_the_next_version(  # type: ignore[no-un
     versions = client.get("/v1/adapters/bot/versions", headers=bearer(secret)).json()["data"]
     assert [(v["version"], v["status"]) for v in versions] == [(1, "ready"), (2, "ready")]
     with db() as session:
-        assert resolve_model(session, tenant["id"], "bot", "base").adapter_version_id == (
-            second["version_id"]
+        assert (
+            resolve_model(session, tenant["id"], "bot", "base").adapter_version_id
+            == (second["version_id"])
         )
-        assert resolve_model(session, tenant["id"], "bot@1", "base").adapter_version_id == (
-            first["version_id"]
+        assert (
+            resolve_model(session, tenant["id"], "bot@1", "base").adapter_version_id
+            == (first["version_id"])
         )
         assert session.scalar(select(func.count()).select_from(Adapter)) == 1
 
@@ -123,8 +125,9 @@ def test_two_tenants_same_name_are_separate_and_invisible_to_each_other(  # type
     assert_openai_error(client.delete("/v1/adapters/bot", headers=bearer(secret_a)), 404)
     assert client.get("/v1/adapters", headers=bearer(secret_a)).json()["data"] == []
     with db() as session:
-        assert resolve_model(session, tenant_b["id"], "bot", "base").adapter_version_id == (
-            b["version_id"]
+        assert (
+            resolve_model(session, tenant_b["id"], "bot", "base").adapter_version_id
+            == (b["version_id"])
         )
 
 
