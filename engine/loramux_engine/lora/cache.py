@@ -2,8 +2,8 @@
 
 Every tier is bounded in bytes (the device tier by its preallocated pool, see
 LoRASlotPool.slots_for_budget). Adapters are keyed by sha256, so one content uploaded
-twice is held once. The engine thread calls everything public; a single loader thread
-fetches, verifies (see ref.adapter_sha256), parses and fills the host tier, and `poll`
+twice is held once. The engine thread calls everything public; loader threads fetch,
+verify (see ref.adapter_sha256) and parse cold adapters into the host tier, and `poll`
 then writes finished loads into device slots between steps. An adapter pinned by a
 running request (acquire .. release) is never evicted from its slot.
 """
@@ -45,6 +45,7 @@ class AdapterCache:
         disk_dir: Path,
         disk_budget_bytes: int,
         failure_ttl_s: float = 30.0,
+        num_loader_threads: int = 2,
     ) -> None:
         self.pool = pool
         self.source = source
@@ -53,7 +54,8 @@ class AdapterCache:
         self._disk = DiskTier(disk_dir, disk_budget_bytes)
         self._stats = {tier: TierStats() for tier in ("device", "host", "disk")}
         self._stats_lock = threading.Lock()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-loader")
+        # More than one loader so that one slow fetch does not hold up every other cold load.
+        self._loader = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="lora-loader")
         # Engine-thread state, keyed by sha256.
         self._slots: OrderedDict[str, int] = OrderedDict()  # resident, least recent first
         self._free_slots = list(range(pool.num_slots - 1, 0, -1))
@@ -197,7 +199,7 @@ class AdapterCache:
             for name, delta in deltas.items():
                 setattr(stats, name, getattr(stats, name) + delta)
 
-    # -- loader thread -------------------------------------------------------------
+    # -- loader threads ------------------------------------------------------------
 
     def _load(self, ref: AdapterRef) -> LoRAAdapter:
         adapter = self._host.get(ref.sha256)

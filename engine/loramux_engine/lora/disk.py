@@ -2,7 +2,7 @@
 
 Layout: <root>/<sha256>/{adapter_config.json, adapter_model.safetensors}. Fetches land in
 <root>/.staging/ and are renamed into place, so a reader never sees half an adapter.
-Only the cache's loader thread reads and writes; `remove` may come from the engine thread.
+Called from the cache's loader threads and, for `remove`, the engine thread.
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ class DiskTier:
 
     def read(self, sha256: str) -> tuple[bytes, bytes] | None:
         """The adapter's (config, weights) bytes, or None when it is not on disk."""
+        # Read under the lock so a concurrent commit cannot evict the files mid-read.
         with self._lock:
             if sha256 not in self._sizes:
                 return None
             self._sizes.move_to_end(sha256)
-        path = self.root / sha256
-        os.utime(path)
-        return (path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes()
+            path = self.root / sha256
+            os.utime(path)
+            return (path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes()
 
     def staging_dir(self) -> Path:
         path = self.root / ".staging" / uuid.uuid4().hex
@@ -67,9 +68,9 @@ class DiskTier:
     def commit(self, sha256: str, staging: Path) -> None:
         """Move a verified staging directory into place and evict down to the budget."""
         target = self.root / sha256
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
         with self._lock:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
             self._sizes[sha256] = _dir_bytes(target)
             self._sizes.move_to_end(sha256)
             self._evict()
@@ -80,7 +81,7 @@ class DiskTier:
     def remove(self, sha256: str) -> None:
         with self._lock:
             self._sizes.pop(sha256, None)
-        shutil.rmtree(self.root / sha256, ignore_errors=True)
+            shutil.rmtree(self.root / sha256, ignore_errors=True)
 
     def _evict(self) -> None:
         # An adapter larger than the whole budget goes too: it is served from memory.
