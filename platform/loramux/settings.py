@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     adapter_validation_timeout_s: int = 600
     cleanup_interval_s: int = 900
 
+    # Batches: input file limits; the API server a worker reaches the engine through
+    # (default http://{host}:{port}, with the admin key); lines in flight per batch (default
+    # half of engine_max_num_seqs, so interactive requests always find running slots); the
+    # lease a running batch renews, and how often it checks for cancellation.
+    files_max_bytes: int = 200 * 1024 * 1024
+    batch_max_lines: int = 50_000
+    engine_url: str | None = None
+    batch_max_in_flight: int | None = None
+    batch_lease_s: float = 30.0
+    batch_poll_s: float = 0.5
+
     # The CLI's client side (`loramux adapters push`): LORAMUX_BASE_URL, LORAMUX_API_KEY.
     base_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -65,6 +76,14 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def resolved_engine_url(self) -> str:
+        return self.engine_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def resolved_batch_max_in_flight(self) -> int:
+        return self.batch_max_in_flight or max(1, self.engine_max_num_seqs // 2)
 
     @property
     def models_dir(self) -> Path:

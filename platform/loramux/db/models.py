@@ -201,6 +201,33 @@ class Batch(Base):
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker running the batch renews this lease; a run finding another's live lease
+    # leaves the batch alone, and an expired one means its worker died.
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchLine(Base):
+    """One finished line of a batch, staged in the transaction that bills it.
+
+    Unique per (batch, line): a redelivered task skips staged lines, and a line run twice
+    by overlapping workers commits (and bills) once.
+    """
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (UniqueConstraint("batch_id", "line_index"),)
+
+    id: Mapped[str] = mapped_column(
+        String(40), primary_key=True, default=lambda: new_id("batch_req_")
+    )
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    line_index: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = _created()
 
 
 class UsageRecord(Base):
@@ -265,6 +292,7 @@ __all__ = [
     "Base",
     "BaseModel",
     "Batch",
+    "BatchLine",
     "File",
     "IdempotencyKey",
     "Tenant",
