@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("batch_id", sa.String(length=40), nullable=False),
         sa.Column("line_index", sa.Integer(), nullable=False),
         sa.Column("custom_id", sa.String(length=64), nullable=False),
-        sa.Column("status_code", sa.Integer(), nullable=False),
+        sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("request_id", sa.String(length=64), nullable=True),
         sa.Column("body", sa.JSON(), nullable=True),
         sa.Column("error", sa.JSON(), nullable=True),

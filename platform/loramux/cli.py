@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--no-wait", action="store_true")
     push.set_defaults(handler=_lazy("loramux.commands.adapters:push"))
 
+    batches = commands.add_parser("batches", help="batch jobs").add_subparsers(
+        dest="batches", required=True
+    )
+    bcreate = batches.add_parser("create", help="upload a JSONL file and start a batch")
+    bcreate.add_argument("file")
+    bcreate.add_argument("--endpoint", default=None, help="default: the first line's url")
+    bcreate.add_argument("--wait", action="store_true", help="show progress until it ends")
+    bcreate.add_argument("--output", default=None, help="with --wait, save the output here")
+    bcreate.add_argument("--json", action="store_true")
+    bcreate.set_defaults(handler=_lazy("loramux.commands.batches:create"))
+    bget = batches.add_parser("get", help="show a batch")
+    bget.add_argument("id")
+    bget.add_argument("--json", action="store_true")
+    bget.set_defaults(handler=_lazy("loramux.commands.batches:get"))
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True
     )

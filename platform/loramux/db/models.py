@@ -223,7 +223,7 @@ class BatchLine(Base):
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     line_index: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(64))
-    status_code: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None: no response (expired)
     request_id: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -8,6 +8,6 @@ from loramux.settings import get_settings
 
 app = make_celery(
     get_settings().resolved_broker_url,
-    include=["loramux.jobs.tasks"],
+    include=["loramux.jobs.tasks", "loramux.jobs.batch"],
     cleanup_interval_s=get_settings().cleanup_interval_s,
 )

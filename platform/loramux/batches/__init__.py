@@ -1,0 +1,3 @@
+"""The OpenAI Batch API: input files, batch objects, and the runner a Celery worker drives."""
+
+RUN_BATCH = "loramux.run_batch"
