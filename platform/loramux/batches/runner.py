@@ -50,12 +50,13 @@ class BatchRunner:
         self.failure: BaseException | None = None
 
     async def run(self) -> str:
-        """The batch's status when this run ends; ``busy`` if another worker holds it."""
+        """The batch's status when this run ends; ``busy`` if another live worker holds it."""
         lease_s = self.settings.batch_lease_s
         if not await to_thread.run_sync(
             claim_lease, self.sessions, self.batch_id, self.owner, lease_s
         ):
-            return "busy"
+            status = (await to_thread.run_sync(self._load)).status
+            return status if status in TERMINAL else "busy"
         try:
             return await self._run()
         finally:
