@@ -45,6 +45,8 @@ def test_peft_adapter_becomes_ready_on_s3_through_the_worker(  # type: ignore[no
     assert (shown["status"], shown["reason"], shown["ready_version"]) == ("ready", None, 1)
     listed = client.get("/v1/adapters", headers=bearer(secret)).json()
     assert [a["name"] for a in listed["data"]] == ["support-bot"]
+    models = client.get("/v1/models", headers=bearer(secret)).json()
+    assert "support-bot" in [m["id"] for m in models["data"]]
 
     # Content-addressed, no tenant or adapter name in the key (the bucket is session-wide).
     stored = set(storage_from_settings(settings).list(f"adapters/{expected_sha}/"))
