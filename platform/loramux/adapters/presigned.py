@@ -17,7 +17,13 @@ from sqlalchemy import select
 
 from loramux.adapters import idempotency, registry
 from loramux.adapters.safetensors_header import WEIGHTS_NAME
-from loramux.adapters.uploads import AdapterUploads, Response, StagedAdapter, expired
+from loramux.adapters.uploads import (
+    AdapterUploads,
+    Response,
+    StagedAdapter,
+    expired,
+    storage_unavailable,
+)
 from loramux.db.models import Adapter, AdapterUpload, AdapterVersion
 from loramux.db.models import new_id as make_id
 from loramux.errors import InvalidRequest, NotFound
@@ -75,9 +81,10 @@ def create_upload(
         return earlier
     upload_id = make_id("upl_")
     staging_key = f"uploads/{upload_id}/{WEIGHTS_NAME}"
-    url = uploads.storage.presign_put(
-        staging_key, uploads.settings.adapter_upload_ttl_s, content_length=size
-    )
+    with storage_unavailable():
+        url = uploads.storage.presign_put(
+            staging_key, uploads.settings.adapter_upload_ttl_s, content_length=size
+        )
     uploads.lease(tenant_id, staged, kind="presigned", upload_id=upload_id, staging_key=staging_key)
     with uploads.sessions() as session, session.begin():
         upload = session.get(AdapterUpload, upload_id)
@@ -112,8 +119,9 @@ def complete_upload(
     config_raw = upload.config_text.encode()
     name, summary = uploads.check(upload.name, config_raw, upload.weights_bytes)
     staged = StagedAdapter(name, summary, config_raw, upload.weights_sha256, upload.weights_bytes)
-    _move_weights(uploads, upload.staging_key, staged)
-    uploads.put_config(staged)
+    with storage_unavailable():
+        _move_weights(uploads, upload.staging_key, staged)
+        uploads.put_config(staged)
     response = uploads.commit(upload.id, tenant_id, actor, staged, None, status=200)
     with contextlib.suppress(Exception):
         uploads.storage.delete(upload.staging_key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
@@ -25,9 +25,16 @@ from loramux.adapters.errors import AdapterRejected
 from loramux.adapters.safetensors_header import WEIGHTS_NAME, read_safetensors_header
 from loramux.db.models import AdapterUpload, Tenant
 from loramux.db.session import transaction
-from loramux.errors import Conflict, InvalidRequest
+from loramux.errors import Conflict, InvalidRequest, ServiceUnavailable
 from loramux.settings import Settings
-from loramux.storage import Storage, adapter_key
+from loramux.storage import (
+    BlobCorruptError,
+    BlobNotFound,
+    ChecksumMismatch,
+    Storage,
+    StorageError,
+    adapter_key,
+)
 from loramux_engine.lora.ref import combine_file_digests
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,18 @@ def sha256_stream(stream: IO[bytes]) -> str:
         hasher.update(chunk)
     stream.seek(0)
     return hasher.hexdigest()
+
+
+@contextlib.contextmanager
+def storage_unavailable() -> Iterator[None]:
+    """The store failing (unreachable, denied) is a 503 the client may retry, not a 500."""
+    try:
+        yield
+    except (BlobNotFound, BlobCorruptError, ChecksumMismatch):
+        raise
+    except StorageError as error:
+        log.warning("adapter storage failed: %s", error)
+        raise ServiceUnavailable("adapter storage is unavailable; retry later") from None
 
 
 def rejected(error: AdapterRejected, param: str) -> InvalidRequest:
@@ -123,10 +142,11 @@ class AdapterUploads:
             return earlier
         upload_id = self.lease(tenant_id, staged, kind="direct")
         try:
-            self.put_config(staged)
-            self.storage.put(
-                adapter_key(staged.sha256, WEIGHTS_NAME), weights, sha256=staged.weights_sha256
-            )
+            with storage_unavailable():
+                self.put_config(staged)
+                self.storage.put(
+                    adapter_key(staged.sha256, WEIGHTS_NAME), weights, sha256=staged.weights_sha256
+                )
             return self.commit(upload_id, tenant_id, actor, staged, idem, status=201)
         finally:
             # Ends the lease when the commit did not (refused, failed): cleanup may then

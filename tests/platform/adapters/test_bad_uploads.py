@@ -175,3 +175,20 @@ def test_storage_quota_counts_each_versions_bytes(  # type: ignore[no-untyped-de
     # After deleting, the bytes are free again.
     assert client.delete("/v1/adapters/one", headers=bearer(secret)).status_code == 200
     assert upload(client, secret, "two", make_peft_adapter(seed=4)).status_code == 201
+
+
+def test_a_storage_outage_is_a_503_and_leaves_no_lease(  # type: ignore[no-untyped-def]
+    client, make_tenant, peft_adapter_dir, db, monkeypatch
+) -> None:
+    from loramux.storage import StorageError
+
+    def down(*_args: object, **_kwargs: object) -> None:
+        raise StorageError("S3 unreachable")
+
+    monkeypatch.setattr(client.app.state.loramux.storage, "put", down)
+    _, secret = make_tenant("acme")
+    response = upload(client, secret, "bot", peft_adapter_dir)
+    assert_openai_error(response, 503, "service_unavailable")
+    with db() as session:
+        for model in (Adapter, AdapterVersion, AdapterUpload):
+            assert session.scalar(select(func.count()).select_from(model)) == 0, model
