@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     max_num_batched_tokens: int = 2048
     num_threads: int | None = None  # CPU intra-op threads; None keeps torch's default
+    cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
     # Opaque handle the LoRA layer uses to fetch adapters; the base engine never reads it.
     adapter_source: object | None = None
 

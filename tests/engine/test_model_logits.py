@@ -19,8 +19,11 @@ PROMPT_LENS = [40, 13, 70, 1]
 NUM_CONTINUATION = 6
 
 
-def _check_against_transformers(model_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(str(model_dir), max_num_batched_tokens=32))
+def _check_against_transformers(model_dir: Path, cpu_decode_kernel: bool = True) -> None:
+    config = EngineConfig(
+        str(model_dir), max_num_batched_tokens=32, cpu_decode_kernel=cpu_decode_kernel
+    )
+    engine = LLMEngine(config)
     reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(1)
     vocab = engine.model_args.vocab_size
@@ -52,8 +55,9 @@ def _check_against_transformers(model_dir: Path) -> None:
     assert checked == sum(PROMPT_LENS) + len(PROMPT_LENS) * (NUM_CONTINUATION - 1)
 
 
-def test_logits_match_transformers(tiny_llama_dir: Path) -> None:
-    _check_against_transformers(tiny_llama_dir)
+@pytest.mark.parametrize("cpu_decode_kernel", [True, False], ids=["kernel", "sdpa"])
+def test_logits_match_transformers(tiny_llama_dir: Path, cpu_decode_kernel: bool) -> None:
+    _check_against_transformers(tiny_llama_dir, cpu_decode_kernel)
 
 
 def test_untied_lm_head_matches_transformers(make_tiny_llama: Callable[..., Path]) -> None:

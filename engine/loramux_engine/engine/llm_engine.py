@@ -62,7 +62,13 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(config.model_dir)
         self.eos_token_ids = frozenset(args.eos_token_ids)
         self.runner = ModelRunner(
-            config.model_dir, args, self.max_model_len, num_cache_rows, self.dtype, self.device
+            config.model_dir,
+            args,
+            self.max_model_len,
+            num_cache_rows,
+            self.dtype,
+            self.device,
+            config.cpu_decode_kernel,
         )
         self.scheduler = Scheduler(
             config.max_num_seqs, config.max_num_batched_tokens, KVCacheManager(num_cache_rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from loramux_engine.engine.sequence import Sequence
+from loramux_engine.kernels import decode_attention
 from loramux_engine.layers.sampler import SampledToken, sample
 from loramux_engine.models.config import ModelArgs
 from loramux_engine.utils.context import AttentionSegment, Context, reset_context, set_context
@@ -20,6 +21,7 @@ class ModelRunner:
         num_cache_rows: int,
         dtype: torch.dtype,
         device: torch.device,
+        cpu_decode_kernel: bool = True,
     ) -> None:
         self.device = device
         self.model = load_model(model_dir, args, max_model_len, dtype, device)
@@ -33,9 +35,13 @@ class ModelRunner:
             dtype=dtype,
             device=device,
         )
+        kernel = None
+        if cpu_decode_kernel and device.type == "cpu" and dtype == torch.float32:
+            kernel = decode_attention.load()
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
+            attn.decode_kernel = kernel
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -47,6 +53,8 @@ class ModelRunner:
         segments: list[AttentionSegment] = []
         slot_ids: list[int] = []
         sample_rows: list[int] = []
+        decode_starts: list[int] = []
+        decode_lens: list[int] = []
         for seq in seqs:
             start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
             end = start + n
@@ -58,11 +66,17 @@ class ModelRunner:
             segments.append(AttentionSegment(offset, offset + n, seq.kv_start, seq.kv_start + end))
             if end == len(seq):
                 sample_rows.append(offset + n - 1)
+            if n == 1 and len(decode_lens) == len(segments) - 1:
+                decode_starts.append(seq.kv_start)
+                decode_lens.append(end)
         set_context(
             Context(
                 cache_positions=self._tensor(cache_positions),
                 segments=segments,
                 slot_ids=self._tensor(slot_ids),
+                num_decode=len(decode_lens),
+                decode_kv_starts=torch.tensor(decode_starts, dtype=torch.long),
+                decode_kv_lens=torch.tensor(decode_lens, dtype=torch.long),
             )
         )
         return self._tensor(input_ids), self._tensor(positions), sample_rows

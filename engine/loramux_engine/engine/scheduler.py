@@ -3,9 +3,17 @@
 Every step runs each running sequence's next tokens (one for decode, the next
 chunk for a prompt still being filled) and then admits waiting sequences while
 the budget, the sequence limit and the KV cache allow.
+
+Admission is fair across fairness keys (tenants): within a priority class the
+key that has received the least service goes first. Service is a virtual token
+counter, prompt tokens weighing 1 and generated tokens 2; a key coming back
+from idle starts at the lowest counter among the active keys, so idling banks
+no credit.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from loramux_engine.engine.kv_cache import KVCacheManager
 from loramux_engine.engine.sequence import Sequence, SequenceStatus
@@ -18,16 +26,26 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.service: dict[str, float] = {}  # virtual tokens served, per fairness key
+        self._num_active: Counter[str] = Counter()
 
     def add(self, seq: Sequence) -> None:
+        key = seq.fairness_key
+        if not self._num_active[key]:
+            active = [self.service[k] for k, n in self._num_active.items() if n]
+            floor = min(active) if active else 0.0
+            self.service[key] = max(self.service.get(key, 0.0), floor)
+        self._num_active[key] += 1
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _select_next(self) -> Sequence:
-        """The waiting sequence to admit next: lowest priority value, then first come."""
-        return min(self.waiting, key=lambda s: (s.priority, s.arrival))
+        """Next to admit: lowest priority value, then least served key, then first come."""
+        return min(
+            self.waiting, key=lambda s: (s.priority, self.service[s.fairness_key], s.arrival)
+        )
 
     def schedule(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
@@ -56,6 +74,11 @@ class Scheduler:
     def postprocess(self, seqs: list[Sequence], sampled: list[int | None]) -> None:
         """Advance the scheduled sequences; append each sampled token."""
         for seq, token_id in zip(seqs, sampled, strict=True):
+            num_prompt = min(
+                seq.num_scheduled_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
+            )
+            served = max(num_prompt, 0) + (2 if token_id is not None else 0)
+            self.service[seq.fairness_key] += served
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if token_id is not None:
@@ -67,5 +90,10 @@ class Scheduler:
             self.kv_cache.deallocate(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        else:
+            return
+        self._num_active[seq.fairness_key] -= 1
+        if not self._num_active[seq.fairness_key]:
+            del self._num_active[seq.fairness_key]
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

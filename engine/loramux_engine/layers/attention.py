@@ -2,16 +2,20 @@
 
 Each sequence owns a contiguous run of cache rows, so its keys and values are a
 view of the cache: no gather and no padding. New keys/values are written by index
-first, then every sequence attends over its own view.
+first, then every sequence attends over its own view: the decode tokens in one
+call of the CPU kernel when it is bound, everything else through SDPA.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux_engine.utils.context import get_context
+from loramux_engine.kernels.decode_attention import decode_attention
+from loramux_engine.utils.context import AttentionSegment, get_context
 
 
 class Attention(nn.Module):
@@ -24,33 +28,46 @@ class Attention(nn.Module):
         # k_cache, v_cache: [num_kv_heads, num_cache_rows, head_dim], bound by the runner
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.decode_kernel: ctypes.CDLL | None = None  # bound by the runner on CPU, fp32
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]
         context = get_context()
         self.k_cache.index_copy_(1, context.cache_positions, k.transpose(0, 1))
         self.v_cache.index_copy_(1, context.cache_positions, v.transpose(0, 1))
-        gqa = self.num_heads != self.num_kv_heads
-        outputs = []
-        for seg in context.segments:
-            num_queries = seg.query_end - seg.query_start
-            num_keys = seg.kv_end - seg.kv_start
-            qs = q[seg.query_start : seg.query_end].transpose(0, 1).unsqueeze(0)
-            ks = self.k_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
-            vs = self.v_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
-            if num_queries == 1:  # decode
-                o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, enable_gqa=gqa)
-            elif num_queries == num_keys:  # whole prompt
-                o = F.scaled_dot_product_attention(
-                    qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=gqa
-                )
-            else:  # a later chunk of a prompt: causal, aligned to the last key
-                mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).tril(
-                    num_keys - num_queries
-                )
-                o = F.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=gqa
-                )
-            outputs.append(o.squeeze(0).transpose(0, 1))
+        out = torch.empty_like(q)
+        segments = context.segments
+        if self.decode_kernel is not None and context.num_decode:
+            n = context.num_decode
+            decode_attention(
+                self.decode_kernel, q[:n], self.k_cache, self.v_cache,
+                context.decode_kv_starts, context.decode_kv_lens, self.scale, out[:n],
+            )  # fmt: skip
+            segments = segments[n:]
+        for seg in segments:
+            out[seg.query_start : seg.query_end] = self._sdpa(q, seg)
         # -> [num_tokens, heads * head_dim]
-        return torch.cat(outputs).reshape(q.shape[0], self.num_heads * self.head_dim)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def _sdpa(self, q: torch.Tensor, seg: AttentionSegment) -> torch.Tensor:
+        num_queries = seg.query_end - seg.query_start
+        num_keys = seg.kv_end - seg.kv_start
+        qs = q[seg.query_start : seg.query_end].transpose(0, 1).unsqueeze(0)
+        ks = self.k_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
+        vs = self.v_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
+        gqa = self.num_heads != self.num_kv_heads
+        if num_queries == 1:  # decode
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, enable_gqa=gqa)
+        elif num_queries == num_keys:  # whole prompt
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=gqa
+            )
+        else:  # a later chunk of a prompt: causal, aligned to the last key
+            mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).tril(
+                num_keys - num_queries
+            )
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+            )
+        # [1, heads, num_queries, head_dim] -> [num_queries, heads, head_dim]
+        return o.squeeze(0).transpose(0, 1)

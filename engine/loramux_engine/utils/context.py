@@ -23,6 +23,10 @@ class Context:
     cache_positions: torch.Tensor  # [num_tokens] cache row each new key/value goes to
     segments: list[AttentionSegment]
     slot_ids: torch.Tensor  # [num_tokens] adapter slot of each token, 0 = no adapter
+    # The batch opens with its decode tokens (one per sequence): segments[:num_decode]
+    num_decode: int
+    decode_kv_starts: torch.Tensor  # [num_decode] int64, for the CPU decode kernel
+    decode_kv_lens: torch.Tensor  # [num_decode] int64
 
 
 # Thread-local so that two engines stepping on two threads never see each other's batch.
