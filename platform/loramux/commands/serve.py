@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
+from typing import Any
 
 import uvicorn
+from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from loramux import tenancy
@@ -14,6 +17,7 @@ from loramux.db.migrate import upgrade
 from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
 from loramux.engine_client import engine_client_from_settings
+from loramux.jobs.embedded import EmbeddedWorker
 from loramux.models import ModelError
 from loramux.settings import Settings, get_settings
 from loramux.storage import storage_from_settings
@@ -48,7 +52,13 @@ def bootstrap_demo(settings: Settings) -> tuple[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
+    }
+    if get_settings().admin_key is None:
+        # Workers reach this server's engine with an admin key; without a configured one,
+        # this run makes a random one that only its own workers are given.
+        overrides["admin_key"] = SecretStr("lmx_internal-" + secrets.token_urlsafe(32))
     settings = get_settings().model_copy(update=overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
@@ -69,5 +79,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: cannot start the engine: {error}", file=sys.stderr)
         return 1
     app = create_app(settings, app_state=build_state(settings, storage=storage, engine=engine))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    worker = None
+    if settings.broker_url is None:
+        # The embedded default: a worker of our own on the SQLite broker, stopped with us.
+        worker = EmbeddedWorker(settings)
+        worker.start()
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.stop()
     return 0
