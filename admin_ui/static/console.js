@@ -1,0 +1,125 @@
+// loramux admin console: plain DOM, no framework, no build step.
+
+import { $, KEY_STORAGE, api, el, guarded, head, number, row, show, time } from "./lib.js";
+import * as tenants from "./tenants.js";
+
+const ENGINE_REFRESH_MS = 3000;
+const SECTIONS = ["login", "tenants", "tenant", "engine", "audit"];
+
+let engineTimer = null;
+
+// --- sign in --------------------------------------------------------------------------------
+
+async function signIn(event) {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_STORAGE, $("admin-key").value.trim());
+  try {
+    await api("GET", "/admin/api/tenants");
+  } catch (error) {
+    sessionStorage.removeItem(KEY_STORAGE);
+    show("login-error", error.message);
+    return;
+  }
+  $("admin-key").value = "";
+  show("login-error", "");
+  if (!location.hash || location.hash === "#login") location.hash = "#tenants";
+  else route();
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY_STORAGE);
+  tenants.dismissSecret();
+  show("login-error", message || "");
+  route();
+}
+
+// --- engine ---------------------------------------------------------------------------------
+
+const ENGINE_CARDS = [
+  ["num_running", "Running requests", (v) => number(v)],
+  ["num_waiting", "Waiting requests", (v) => number(v)],
+  ["kv_cache_usage", "KV cache in use", (v) => `${number(v * 100, 1)} %`],
+  ["generation_tokens_per_s", "Generated tokens / s", (v) => number(v, 1)],
+  ["prompt_tokens_per_s", "Prompt tokens / s", (v) => number(v, 1)],
+  ["num_finished_total", "Finished requests", (v) => number(v)],
+  ["num_generation_tokens_total", "Tokens generated", (v) => number(v)],
+  ["num_prompt_tokens_total", "Prompt tokens", (v) => number(v)],
+];
+
+async function refreshEngine() {
+  await guarded("engine-error", async () => {
+    const engine = await api("GET", "/admin/api/engine");
+    $("engine-stats").replaceChildren(
+      el("div", { className: "card" },
+        el("dt", {}, "Base model"), el("dd", {}, engine.base_model_id)),
+      ...ENGINE_CARDS.map(([field, label, format]) => el("div", { className: "card" },
+        el("dt", {}, label), el("dd", { id: `stat-${field}` }, format(engine.stats[field])))),
+    );
+    const counters = Object.entries(engine.adapter_cache).sort(([a], [b]) => a.localeCompare(b));
+    $("cache-body").replaceChildren(
+      ...counters.map(([name, value]) => row(name, number(value, 3))),
+    );
+    if (!counters.length) $("cache-body").append(row("No adapter has been used yet."));
+    $("engine-updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
+  });
+}
+
+// --- audit log ------------------------------------------------------------------------------
+
+async function renderAudit() {
+  head("audit-head", ["Time", "Actor", "Action", "Target", "Tenant", "Details"]);
+  await guarded("audit-error", async () => {
+    const { data } = await api("GET", `/admin/api/audit?limit=${$("audit-limit").value}`);
+    $("audit-body").replaceChildren(...data.map((entry) => row(
+      time(entry.created_at),
+      entry.actor,
+      el("code", {}, entry.action),
+      entry.target_type ? `${entry.target_type} ${entry.target_id ?? ""}` : "",
+      entry.tenant_id ?? "",
+      entry.details && Object.keys(entry.details).length ? JSON.stringify(entry.details) : "",
+    )));
+    if (!data.length) $("audit-body").append(row("No entries yet."));
+  });
+}
+
+// --- routing: #tenants, #tenant/<id>, #engine, #audit ---------------------------------------
+
+function route() {
+  clearInterval(engineTimer);
+  engineTimer = null;
+  const signedIn = Boolean(sessionStorage.getItem(KEY_STORAGE));
+  const [section, arg] = (location.hash.slice(1) || "tenants").split("/");
+  let current = SECTIONS.includes(section) ? section : "tenants";
+  if (!signedIn) current = "login";
+  else if (current === "login") current = "tenants";
+  for (const name of SECTIONS) $(name).hidden = name !== current;
+  $("nav").hidden = $("sign-out").hidden = !signedIn;
+  for (const link of $("nav").querySelectorAll("a")) {
+    const target = current === "tenant" ? "tenants" : current;
+    const active = link.hash === `#${target}`;
+    if (active) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (current === "login") $("admin-key").focus();
+  if (current === "tenants") tenants.renderTenants();
+  if (current === "tenant") tenants.renderTenant(decodeURIComponent(arg || ""));
+  if (current === "audit") renderAudit();
+  if (current === "engine") {
+    refreshEngine();
+    engineTimer = setInterval(refreshEngine, ENGINE_REFRESH_MS);
+  }
+}
+
+function init() {
+  tenants.bindTenants();
+  $("login-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut(""));
+  window.addEventListener("loramux:unauthorized", (event) => signOut(event.detail));
+  $("audit-refresh").addEventListener("click", renderAudit);
+  $("audit-limit").addEventListener("change", renderAudit);
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+// Module scripts run after the document is parsed.
+init();

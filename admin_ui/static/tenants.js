@@ -1,0 +1,191 @@
+// Tenants: the list, one tenant's quotas and status, and its API keys.
+
+import {
+  $, api, badge, bytes, confirmAction, el, guarded, head, row, show, time,
+} from "./lib.js";
+
+const TENANT_SCOPES = ["inference", "adapters:read", "adapters:write", "batches"];
+const QUOTAS = [
+  ["requests_per_minute", "Requests / min"],
+  ["tokens_per_minute", "Tokens / min"],
+  ["max_concurrent_requests", "Concurrent requests"],
+  ["monthly_token_quota", "Monthly tokens"],
+  ["max_adapters", "Adapters"],
+  ["max_storage_bytes", "Storage (bytes)"],
+];
+
+function quota(field, value) {
+  if (field === "max_storage_bytes") return bytes(value);
+  return value == null ? "unlimited" : value.toLocaleString("en-US");
+}
+
+// --- tenants --------------------------------------------------------------------------------
+
+export async function renderTenants() {
+  head("tenants-head", ["Name", "Status", ...QUOTAS.map(([, label]) => label), "Created"]);
+  await guarded("tenants-error", async () => {
+    const { data } = await api("GET", "/admin/api/tenants");
+    $("tenants-body").replaceChildren(...data.map((t) => row(
+      el("a", { href: `#tenant/${encodeURIComponent(t.id)}` }, t.name),
+      badge(t.status),
+      ...QUOTAS.map(([field]) => quota(field, t[field])),
+      time(t.created_at),
+    )));
+    if (!data.length) $("tenants-body").append(row("No tenants yet."));
+  });
+}
+
+async function createTenant(event) {
+  event.preventDefault();
+  const name = $("new-tenant-name").value.trim();
+  const tenant = await guarded("tenants-error", () => api("POST", "/admin/api/tenants", { name }));
+  if (tenant) {
+    $("new-tenant-name").value = "";
+    location.hash = `#tenant/${encodeURIComponent(tenant.id)}`;
+  }
+}
+
+// --- one tenant: quotas, status, keys ------------------------------------------------------
+
+function tenantPath(id) {
+  return `/admin/api/tenants/${encodeURIComponent(id)}`;
+}
+
+export async function renderTenant(id) {
+  dismissSecret();
+  show("tenant-notice", "");
+  await guarded("tenant-error", async () => {
+    fillTenant(await api("GET", tenantPath(id)));
+    await renderKeys(id);
+  });
+}
+
+function fillTenant(tenant) {
+  const section = $("tenant");
+  section.dataset.tenantId = tenant.id;
+  $("tenant-title").textContent = tenant.name;
+  $("tenant-status").className = `badge ${tenant.status}`;
+  $("tenant-status").textContent = tenant.status;
+  $("quota-form").replaceChildren(
+    ...QUOTAS.map(([field, label]) => el("div", { className: "field" },
+      el("label", { htmlFor: `quota-${field}` }, label),
+      el("input", {
+        id: `quota-${field}`, name: field, type: "number", min: "0", step: "1",
+        placeholder: "unlimited", value: tenant[field] == null ? "" : String(tenant[field]),
+      }),
+    )),
+    el("div", { className: "field end" }, el("button", { type: "submit" }, "Save quotas")),
+  );
+  const suspended = tenant.status === "suspended";
+  $("status-help").textContent = suspended
+    ? "Suspended: every request with this tenant's keys is refused."
+    : "Active: this tenant's keys may call the API.";
+  const toggle = $("toggle-status");
+  toggle.textContent = suspended ? "Reactivate tenant" : "Suspend tenant";
+  toggle.className = suspended ? "" : "danger";
+}
+
+async function saveQuotas(event) {
+  event.preventDefault();
+  const id = $("tenant").dataset.tenantId;
+  const changes = {};
+  for (const [field] of QUOTAS) {
+    const raw = $(`quota-${field}`).value.trim();
+    changes[field] = raw === "" ? null : Number(raw);
+  }
+  const tenant = await guarded("tenant-error", () => api("PATCH", tenantPath(id), changes));
+  if (tenant) {
+    fillTenant(tenant);
+    show("tenant-notice", "Quotas saved.");
+  }
+}
+
+async function toggleStatus() {
+  const id = $("tenant").dataset.tenantId;
+  const suspend = $("toggle-status").textContent.startsWith("Suspend");
+  const name = $("tenant-title").textContent;
+  if (suspend && !(await confirmAction(
+    `Suspend ${name}? All of its requests will be refused until it is reactivated.`, "Suspend",
+  ))) return;
+  const status = suspend ? "suspended" : "active";
+  const tenant = await guarded("tenant-error", () => api("PATCH", tenantPath(id), { status }));
+  if (tenant) {
+    fillTenant(tenant);
+    show("tenant-notice", suspend ? "Tenant suspended." : "Tenant reactivated.");
+  }
+}
+
+async function renderKeys(id) {
+  head("keys-head", ["Name", "Prefix", "Scopes", "Created", "Last used", "Status", ""]);
+  const { data } = await api("GET", `${tenantPath(id)}/keys`);
+  $("keys-body").replaceChildren(...data.map((key) => row(
+    key.name,
+    el("code", {}, key.prefix),
+    key.scopes.join(", "),
+    time(key.created_at),
+    time(key.last_used_at),
+    key.revoked_at ? badge("revoked") : badge("active"),
+    key.revoked_at ? "" : el("button", {
+      type: "button", className: "danger small", onclick: () => revokeKey(key),
+      ariaLabel: `Revoke key ${key.name} (${key.prefix})`,
+    }, "Revoke"),
+  )));
+  if (!data.length) $("keys-body").append(row("No keys yet."));
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  const id = $("tenant").dataset.tenantId;
+  const scopes = [...document.querySelectorAll("#scope-boxes input:checked")].map((b) => b.value);
+  const name = $("new-key-name").value.trim();
+  const key = await guarded("tenant-error",
+    () => api("POST", `${tenantPath(id)}/keys`, { name, scopes }));
+  if (!key) return;
+  $("secret-value").value = key.key;
+  $("secret-copied").textContent = "";
+  $("secret-panel").hidden = false;
+  $("secret-value").select();
+  await guarded("tenant-error", () => renderKeys(id));
+}
+
+async function copySecret() {
+  const input = $("secret-value");
+  try {
+    await navigator.clipboard.writeText(input.value);
+  } catch {
+    input.select();
+    document.execCommand("copy");
+  }
+  $("secret-copied").textContent = "Copied to the clipboard.";
+}
+
+export function dismissSecret() {
+  $("secret-value").value = "";
+  $("secret-panel").hidden = true;
+}
+
+async function revokeKey(key) {
+  const sure = await confirmAction(
+    `Revoke key "${key.name}" (${key.prefix})? Requests using it will fail at once. ` +
+    "This cannot be undone.", "Revoke key");
+  if (!sure) return;
+  const id = $("tenant").dataset.tenantId;
+  const done = await guarded("tenant-error", async () => {
+    await api("DELETE", `/admin/api/keys/${encodeURIComponent(key.id)}`);
+    await renderKeys(id);
+    return true;
+  });
+  if (done) show("tenant-notice", `Key ${key.prefix} revoked.`);
+}
+
+export function bindTenants() {
+  const scopeBox = (scope) => el("label", { className: "check" },
+    el("input", { type: "checkbox", name: "scopes", value: scope, checked: true }), ` ${scope}`);
+  $("scope-boxes").replaceChildren(...TENANT_SCOPES.map(scopeBox));
+  $("tenant-create").addEventListener("submit", createTenant);
+  $("quota-form").addEventListener("submit", saveQuotas);
+  $("toggle-status").addEventListener("click", toggleStatus);
+  $("key-create").addEventListener("submit", createKey);
+  $("secret-copy").addEventListener("click", copySecret);
+  $("secret-done").addEventListener("click", dismissSecret);
+}
