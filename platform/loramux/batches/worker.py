@@ -18,7 +18,9 @@ from sqlalchemy import select
 
 from loramux.batches.files import ACTIVE_STATUSES, unix
 from loramux.batches.runner import BatchRunner
+from loramux.batches.staging import move_status
 from loramux.db.models import Batch
+from loramux.db.session import transaction
 from loramux.jobs.context import WorkerContext
 from loramux.limits.base import Limits, RateLimiter, WindowState
 from loramux.remote_engine import RemoteEngineClient
@@ -88,3 +90,14 @@ def orphaned_batches(context: WorkerContext) -> list[tuple[str, float]]:
             select(Batch.id, Batch.lease_expires_at).where(Batch.status.in_(ACTIVE_STATUSES))
         ).all()
     return [(batch_id, max(0.0, (unix(lease) or now) - now)) for batch_id, lease in rows]
+
+
+def fail_batch(context: WorkerContext, batch_id: str, message: str) -> None:
+    """End a batch the worker cannot run (a bug, not an outage) as failed, saying why."""
+    error = {"code": "internal_error", "message": message, "param": None, "line": None}
+    with transaction(context.sessions) as session:
+        move_status(
+            session, batch_id, ("validating", "in_progress", "finalizing", "cancelling"),
+            status="failed", failed_at=datetime.now(UTC), lease_owner=None,
+            lease_expires_at=None, errors={"object": "list", "data": [error]},
+        )  # fmt: skip
