@@ -1,4 +1,5 @@
 """The OpenAI Batch API: input files, batch objects, and the runner a Celery worker drives."""
 
-RUN_BATCH = "loramux.run_batch"
-RESUME_BATCHES = "loramux.resume_batches"
+from loramux.jobs.config import RESUME_BATCHES, RUN_BATCH
+
+__all__ = ["RESUME_BATCHES", "RUN_BATCH"]

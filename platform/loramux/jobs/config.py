@@ -9,6 +9,8 @@ from celery import Celery
 QUEUE = "loramux"
 VALIDATE_ADAPTER_VERSION = "loramux.validate_adapter_version"
 CLEANUP_ORPHANED_BLOBS = "loramux.cleanup_orphaned_blobs"
+RUN_BATCH = "loramux.run_batch"
+RESUME_BATCHES = "loramux.resume_batches"
 
 
 def make_celery(
@@ -40,6 +42,9 @@ def make_celery(
             "cleanup-orphaned-blobs": {
                 "task": CLEANUP_ORPHANED_BLOBS,
                 "schedule": cleanup_interval_s,
-            }
+            },
+            # Batches whose worker died while other workers stayed up: their lease lapses
+            # and this hands them to a live worker.
+            "resume-batches": {"task": RESUME_BATCHES, "schedule": 60.0},
         }
     return app
