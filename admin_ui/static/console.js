@@ -1,6 +1,8 @@
 // loramux admin console: plain DOM, no framework, no build step.
 
-import { $, KEY_STORAGE, api, el, guarded, head, number, row, show, time } from "./lib.js";
+import {
+  $, KEY_STORAGE, api, el, fill, guarded, head, number, row, show, time,
+} from "./lib.js";
 import * as tenants from "./tenants.js";
 
 const ENGINE_REFRESH_MS = 3000;
@@ -56,29 +58,37 @@ async function refreshEngine() {
         el("dt", {}, label), el("dd", { id: `stat-${field}` }, format(engine.stats[field])))),
     );
     const counters = Object.entries(engine.adapter_cache).sort(([a], [b]) => a.localeCompare(b));
-    $("cache-body").replaceChildren(
-      ...counters.map(([name, value]) => row(name, number(value, 3))),
-    );
-    if (!counters.length) $("cache-body").append(row("No adapter has been used yet."));
+    fill("cache-body", counters.map(([name, value]) => row(name, number(value, 3))),
+      "The engine has reported no adapter-cache counters yet.");
     $("engine-updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
   });
 }
 
 // --- audit log ------------------------------------------------------------------------------
 
+function details(values) {
+  if (!values) return "";
+  return Object.entries(values).map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(", ");
+}
+
 async function renderAudit() {
   head("audit-head", ["Time", "Actor", "Action", "Target", "Tenant", "Details"]);
   await guarded("audit-error", async () => {
-    const { data } = await api("GET", `/admin/api/audit?limit=${$("audit-limit").value}`);
-    $("audit-body").replaceChildren(...data.map((entry) => row(
+    const [{ data }, tenants] = await Promise.all([
+      api("GET", `/admin/api/audit?limit=${$("audit-limit").value}`),
+      api("GET", "/admin/api/tenants"),
+    ]);
+    const names = new Map(tenants.data.map((t) => [t.id, t.name]));
+    const tenantLink = (id) => id == null ? ""
+      : el("a", { href: `#tenant/${encodeURIComponent(id)}` }, names.get(id) ?? id);
+    fill("audit-body", data.map((entry) => row(
       time(entry.created_at),
       entry.actor,
       el("code", {}, entry.action),
       entry.target_type ? `${entry.target_type} ${entry.target_id ?? ""}` : "",
-      entry.tenant_id ?? "",
-      entry.details && Object.keys(entry.details).length ? JSON.stringify(entry.details) : "",
-    )));
-    if (!data.length) $("audit-body").append(row("No entries yet."));
+      tenantLink(entry.tenant_id),
+      details(entry.details),
+    )), "No entries yet.");
   });
 }
 

@@ -24,13 +24,25 @@ export function row(...cells) {
   return el("tr", {}, ...cells.map((cell) => el("td", {}, cell)));
 }
 
+// Fills a table body with rows, or with one full-width line saying there is nothing yet.
+export function fill(bodyId, rows, emptyText) {
+  const body = $(bodyId);
+  if (rows.length) {
+    body.replaceChildren(...rows);
+    return;
+  }
+  const columns = body.closest("table").tHead.rows[0].cells.length;
+  body.replaceChildren(el("tr", {}, el("td", { colSpan: columns, className: "empty" }, emptyText)));
+}
+
 export function head(id, names) {
   $(id).replaceChildren(...names.map((name) => el("th", { scope: "col" }, name)));
 }
 
 export function time(seconds) {
   if (seconds == null) return "never";
-  return new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
+  const iso = new Date(seconds * 1000).toISOString();
+  return el("time", { dateTime: iso }, `${iso.replace("T", " ").slice(0, 19)} UTC`);
 }
 
 export function bytes(value) {

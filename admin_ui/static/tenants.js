@@ -1,7 +1,7 @@
 // Tenants: the list, one tenant's quotas and status, and its API keys.
 
 import {
-  $, api, badge, bytes, confirmAction, el, guarded, head, row, show, time,
+  $, api, badge, bytes, confirmAction, el, fill, guarded, head, row, show, time,
 } from "./lib.js";
 
 const TENANT_SCOPES = ["inference", "adapters:read", "adapters:write", "batches"];
@@ -11,7 +11,7 @@ const QUOTAS = [
   ["max_concurrent_requests", "Concurrent requests"],
   ["monthly_token_quota", "Monthly tokens"],
   ["max_adapters", "Adapters"],
-  ["max_storage_bytes", "Storage (bytes)"],
+  ["max_storage_bytes", "Storage", "Storage (bytes)"],
 ];
 
 function quota(field, value) {
@@ -25,13 +25,12 @@ export async function renderTenants() {
   head("tenants-head", ["Name", "Status", ...QUOTAS.map(([, label]) => label), "Created"]);
   await guarded("tenants-error", async () => {
     const { data } = await api("GET", "/admin/api/tenants");
-    $("tenants-body").replaceChildren(...data.map((t) => row(
+    fill("tenants-body", data.map((t) => row(
       el("a", { href: `#tenant/${encodeURIComponent(t.id)}` }, t.name),
       badge(t.status),
       ...QUOTAS.map(([field]) => quota(field, t[field])),
       time(t.created_at),
-    )));
-    if (!data.length) $("tenants-body").append(row("No tenants yet."));
+    )), "No tenants yet.");
   });
 }
 
@@ -67,8 +66,8 @@ function fillTenant(tenant) {
   $("tenant-status").className = `badge ${tenant.status}`;
   $("tenant-status").textContent = tenant.status;
   $("quota-form").replaceChildren(
-    ...QUOTAS.map(([field, label]) => el("div", { className: "field" },
-      el("label", { htmlFor: `quota-${field}` }, label),
+    ...QUOTAS.map(([field, label, formLabel]) => el("div", { className: "field" },
+      el("label", { htmlFor: `quota-${field}` }, formLabel ?? label),
       el("input", {
         id: `quota-${field}`, name: field, type: "number", min: "0", step: "1",
         placeholder: "unlimited", value: tenant[field] == null ? "" : String(tenant[field]),
@@ -118,7 +117,7 @@ async function toggleStatus() {
 async function renderKeys(id) {
   head("keys-head", ["Name", "Prefix", "Scopes", "Created", "Last used", "Status", ""]);
   const { data } = await api("GET", `${tenantPath(id)}/keys`);
-  $("keys-body").replaceChildren(...data.map((key) => row(
+  fill("keys-body", data.map((key) => row(
     key.name,
     el("code", {}, key.prefix),
     key.scopes.join(", "),
@@ -129,8 +128,7 @@ async function renderKeys(id) {
       type: "button", className: "danger small", onclick: () => revokeKey(key),
       ariaLabel: `Revoke key ${key.name} (${key.prefix})`,
     }, "Revoke"),
-  )));
-  if (!data.length) $("keys-body").append(row("No keys yet."));
+  )), "No keys yet.");
 }
 
 async function createKey(event) {
