@@ -62,6 +62,7 @@ export async function renderTenant(id) {
 function fillTenant(tenant) {
   const section = $("tenant");
   section.dataset.tenantId = tenant.id;
+  section.dataset.status = tenant.status;
   $("tenant-title").textContent = tenant.name;
   $("tenant-status").className = `badge ${tenant.status}`;
   $("tenant-status").textContent = tenant.status;
@@ -70,7 +71,7 @@ function fillTenant(tenant) {
       el("label", { htmlFor: `quota-${field}` }, formLabel ?? label),
       el("input", {
         id: `quota-${field}`, name: field, type: "number", min: "0", step: "1",
-        placeholder: "unlimited", value: tenant[field] == null ? "" : String(tenant[field]),
+        placeholder: "unlimited", defaultValue: tenant[field] == null ? "" : String(tenant[field]),
       }),
     )),
     el("div", { className: "field end" }, el("button", { type: "submit" }, "Save quotas")),
@@ -87,10 +88,16 @@ function fillTenant(tenant) {
 async function saveQuotas(event) {
   event.preventDefault();
   const id = $("tenant").dataset.tenantId;
+  // Only what was edited, so the audit log records the change and nothing else.
   const changes = {};
   for (const [field] of QUOTAS) {
-    const raw = $(`quota-${field}`).value.trim();
-    changes[field] = raw === "" ? null : Number(raw);
+    const input = $(`quota-${field}`);
+    const raw = input.value.trim();
+    if (raw !== input.defaultValue) changes[field] = raw === "" ? null : Number(raw);
+  }
+  if (!Object.keys(changes).length) {
+    show("tenant-notice", "No quota was changed.");
+    return;
   }
   const tenant = await guarded("tenant-error", () => api("PATCH", tenantPath(id), changes));
   if (tenant) {
@@ -100,8 +107,8 @@ async function saveQuotas(event) {
 }
 
 async function toggleStatus() {
-  const id = $("tenant").dataset.tenantId;
-  const suspend = $("toggle-status").textContent.startsWith("Suspend");
+  const { tenantId: id, status: current } = $("tenant").dataset;
+  const suspend = current === "active";
   const name = $("tenant-title").textContent;
   if (suspend && !(await confirmAction(
     `Suspend ${name}? All of its requests will be refused until it is reactivated.`, "Suspend",
@@ -115,7 +122,7 @@ async function toggleStatus() {
 }
 
 async function renderKeys(id) {
-  head("keys-head", ["Name", "Prefix", "Scopes", "Created", "Last used", "Status", ""]);
+  head("keys-head", ["Name", "Prefix", "Scopes", "Created", "Last used", "Status", "Actions"]);
   const { data } = await api("GET", `${tenantPath(id)}/keys`);
   fill("keys-body", data.map((key) => row(
     key.name,

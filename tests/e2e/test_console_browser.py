@@ -194,6 +194,7 @@ def test_operator_manages_a_tenant_and_its_keys(
     for action in ("tenant.create", "tenant.update", "key.create", "key.revoke"):
         expect(audit).to_contain_text(action)
     expect(audit).to_contain_text('status: "suspended"')
+    expect(audit).to_contain_text("requests_per_minute: 120, max_storage_bytes: 1073741824")
     expect(audit.locator("tr").first).to_contain_text("console-acme")
     screenshot(page, "audit", tmp_path)
 
