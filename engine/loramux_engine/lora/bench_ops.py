@@ -50,25 +50,32 @@ def _forward(
     xs: dict[str, torch.Tensor],
     pool: LoRASlotPool,
     batch: LoRABatch | None,
-) -> None:
-    """Every projection of one forward; the same input per projection kind is enough here."""
-    for (layer, projection), weight in base.items():
-        y = F.linear(xs[projection], weight)
-        if batch is not None:
-            add_lora(y, xs[projection], pool.stack(layer, projection), batch)
+) -> list[float]:
+    """Every projection of one forward (the same input per projection kind is enough here);
+    returns each layer's seconds."""
+    seconds = []
+    for layer in range(pool.shape.num_layers):
+        start = time.perf_counter()
+        for projection in PROJECTIONS:
+            y = F.linear(xs[projection], base[(layer, projection)])
+            if batch is not None:
+                add_lora(y, xs[projection], pool.stack(layer, projection), batch)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
-def _min_seconds(fns: Sequence[Callable[[], None]], repeats: int) -> list[float]:
-    """Best of `repeats` for each fn, run in turns so load from other processes hits all alike."""
-    best = [float("inf")] * len(fns)
-    for fn in fns:
-        fn()
+def _best_seconds(fns: Sequence[Callable[[], list[float]]], repeats: int) -> list[float]:
+    """Each fn's forward time as the sum over layers of the best of `repeats` runs.
+
+    The machine is shared: taking the minimum per layer (a few ms each) rather than per
+    forward keeps other processes' time slices out of the figures. The fns run in turns so
+    that every layer's weights come from memory, as in a real forward.
+    """
+    best = [[float("inf")] * len(fn()) for fn in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+            best[i] = [min(b, s) for b, s in zip(best[i], fn(), strict=True)]
+    return [sum(layers) for layers in best]
 
 
 def run(
@@ -104,7 +111,7 @@ def run(
                     for _, kernel, grouped in cases
                 ]
                 fns = [partial(_forward, base, xs, pool, b) for b in (None, *batches)]
-                base_s, *lora_s = _min_seconds(fns, repeats)
+                base_s, *lora_s = _best_seconds(fns, repeats)
                 row: dict[str, object] = {
                     "num_tokens": num_tokens,
                     "num_adapters": num_adapters,
@@ -122,11 +129,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(repeats=args.repeats)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"workload": "lora op, SmolLM2-135M projections", "rows": rows}, out)
+            workload = {"shape": "SmolLM2-135M projections", "threads": torch.get_num_threads()}
+            json.dump({"workload": workload, "rows": rows}, out)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class LoRASlotPool:
                 in_features, out_features = shape.features(projection)
                 self.stacks[(layer, projection)] = LoRAStack(
                     a=torch.zeros(num_slots, max_rank, in_features, device=device, dtype=dtype),
-                    b=torch.zeros(num_slots, out_features, max_rank, device=device, dtype=dtype),
+                    b_t=torch.zeros(num_slots, max_rank, out_features, device=device, dtype=dtype),
                     scale=torch.zeros(num_slots, device=device, dtype=dtype),
                 )
         self.slot_bytes = bytes_per_slot(shape, max_rank, dtype, self.projections)
@@ -86,19 +86,19 @@ class LoRASlotPool:
             raise ValueError(f"the pool holds no stacks for {sorted(unknown)}")
         for key, stack in self.stacks.items():
             stack.a[slot].zero_()
-            stack.b[slot].zero_()
+            stack.b_t[slot].zero_()
             weights = adapter.weights.get(key)
             if weights is None:
                 stack.set_slot(slot, 0, 0.0)
                 continue
             rank = weights.rank
             stack.a[slot, :rank].copy_(weights.a)
-            stack.b[slot, :, :rank].copy_(weights.b)
+            stack.b_t[slot, :rank].copy_(weights.b.T)
             stack.set_slot(slot, rank, weights.scale)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for stack in self.stacks.values():
             stack.a[slot].zero_()
-            stack.b[slot].zero_()
+            stack.b_t[slot].zero_()
             stack.set_slot(slot, 0, 0.0)

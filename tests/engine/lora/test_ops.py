@@ -17,7 +17,7 @@ KERNELS: list[Kernel] = ["sgmv", "bgmv"]
 def naive(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, slot_ids: list[int]) -> None:
     for i, slot in enumerate(slot_ids):
         if slot:
-            y[i] += stack.scale[slot] * (x[i] @ stack.a[slot].T) @ stack.b[slot].T
+            y[i] += stack.scale[slot] * (x[i] @ stack.a[slot].T) @ stack.b_t[slot]
 
 
 @pytest.fixture

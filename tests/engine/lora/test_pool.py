@@ -23,10 +23,10 @@ def test_load_pads_ranks_and_zeroes_untargeted(make_adapter: MakeAdapter) -> Non
     k = pool.stack(1, "k_proj")
     weights = adapter.weights[(1, "k_proj")]
     assert torch.equal(k.a[2, :4], weights.a) and not k.a[2, 4:].any()
-    assert torch.equal(k.b[2, :, :4], weights.b) and not k.b[2, :, 4:].any()
+    assert torch.equal(k.b_t[2, :4], weights.b.T) and not k.b_t[2, 4:].any()
     assert k.scale[2] == 0.5 and k.ranks[2] == 4 and k.scales[2] == 0.5
     q = pool.stack(1, "q_proj")
-    assert not q.a[2].any() and not q.b[2].any() and q.scale[2] == 0 and q.a_t[2] is None
+    assert not q.a[2].any() and not q.b_t[2].any() and q.scale[2] == 0 and q.shrink[2] is None
     assert all(not stack.a[0].any() and not stack.a[1].any() for stack in pool.stacks.values())
 
 
@@ -35,7 +35,7 @@ def test_clear(make_adapter: MakeAdapter) -> None:
     pool.load(1, parsed(make_adapter))
     pool.clear(1)
     for stack in pool.stacks.values():
-        assert not stack.a.any() and not stack.b.any() and not stack.scale.any()
+        assert not stack.a.any() and not stack.b_t.any() and not stack.scale.any()
         assert stack.ranks == [0, 0]
 
 
@@ -55,5 +55,5 @@ def test_bytes_and_budget() -> None:
     assert LoRASlotPool.slots_for_budget(TINY, 8, torch.float32, 10 * full_slot + 1) == 10
     pool = LoRASlotPool(TINY, num_slots=2, max_rank=8, dtype=torch.float16)
     assert pool.slot_bytes == sum(
-        (s.a[0].numel() + s.b[0].numel() + 1) * 2 for s in pool.stacks.values()
+        (s.a[0].numel() + s.b_t[0].numel() + 1) * 2 for s in pool.stacks.values()
     )
