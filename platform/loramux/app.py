@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from loramux.api import adapters, admin, batches, console, engine, files, health, inference, models
+from loramux import openapi
 from loramux.auth.backend import ApiKeyBackend, on_auth_error
 from loramux.db.session import make_engine, make_session_factory
 from loramux.errors import APIError, api_error_handler, internal_error_handler
@@ -70,6 +71,7 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
             *admin.routes,
             *console.routes,
             *engine.routes,
+            *openapi.routes,
             app_state.metrics.route(),
         ],
         middleware=[
