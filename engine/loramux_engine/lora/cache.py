@@ -208,35 +208,31 @@ class AdapterCache:
             return adapter
         self._count("host", misses=1)
         files = self._disk.read(ref.sha256)
-        staging = None
-        if files is None:
-            self._count("disk", misses=1)
-            start = time.perf_counter()
-            staging = self._disk.staging_dir()
-            try:
-                self.source.fetch(ref, staging)
-                files = (staging / CONFIG_NAME).read_bytes(), (staging / WEIGHTS_NAME).read_bytes()
-            except BaseException:
-                self._disk.discard(staging)
-                raise
-            self._count("disk", loads=1, load_seconds=time.perf_counter() - start)
-        else:
+        if files is not None:
+            # Only verified content is ever committed to disk, so a hit is not re-hashed.
             self._count("disk", hits=1)
+            return self._parse(ref, files)
+        self._count("disk", misses=1)
         start = time.perf_counter()
+        staging = self._disk.staging_dir()
         try:
+            self.source.fetch(ref, staging)
+            files = (staging / CONFIG_NAME).read_bytes(), (staging / WEIGHTS_NAME).read_bytes()
             if adapter_sha256(*files) != ref.sha256:
                 raise AdapterIntegrityError(
                     f"content does not match sha256 {ref.sha256}; the adapter was refused"
                 )
-            adapter = parse_adapter(files[0], files[1], self.pool.shape, self.pool.max_rank)
+            self._count("disk", loads=1, load_seconds=time.perf_counter() - start)
+            adapter = self._parse(ref, files)
         except BaseException:
-            if staging is not None:
-                self._disk.discard(staging)
-            else:
-                self._disk.remove(ref.sha256)
+            self._disk.discard(staging)
             raise
-        if staging is not None:
-            self._disk.commit(ref.sha256, staging)
+        self._disk.commit(ref.sha256, staging)
+        return adapter
+
+    def _parse(self, ref: AdapterRef, files: tuple[bytes, bytes]) -> LoRAAdapter:
+        start = time.perf_counter()
+        adapter = parse_adapter(files[0], files[1], self.pool.shape, self.pool.max_rank)
         self._host.put(ref.sha256, adapter)
         self._count("host", loads=1, load_seconds=time.perf_counter() - start)
         return adapter

@@ -2,7 +2,8 @@
 
 Slot 0 is reserved for "no adapter" and stays zero. Loading writes into the existing
 tensors (zero-padding ranks, zeroing projections the adapter leaves alone), so a step
-never allocates. Writes happen on the engine thread, between steps.
+never allocates. Invariant: in every stack, a slot's rows from its rank on are zero.
+Writes happen on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -85,20 +86,26 @@ class LoRASlotPool:
         if unknown:
             raise ValueError(f"the pool holds no stacks for {sorted(unknown)}")
         for key, stack in self.stacks.items():
-            stack.a[slot].zero_()
-            stack.b_t[slot].zero_()
             weights = adapter.weights.get(key)
-            if weights is None:
-                stack.set_slot(slot, 0, 0.0)
-                continue
-            rank = weights.rank
-            stack.a[slot, :rank].copy_(weights.a)
-            stack.b_t[slot, :rank].copy_(weights.b.T)
-            stack.set_slot(slot, rank, weights.scale)
+            rank = 0 if weights is None else weights.rank
+            self._zero_rows(stack, slot, rank)
+            if weights is not None:
+                stack.a[slot, :rank].copy_(weights.a)
+                stack.b_t[slot, :rank].copy_(weights.b.T)
+            stack.set_slot(slot, rank, 0.0 if weights is None else weights.scale)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for stack in self.stacks.values():
-            stack.a[slot].zero_()
-            stack.b_t[slot].zero_()
+            self._zero_rows(stack, slot, 0)
             stack.set_slot(slot, 0, 0.0)
+
+    @staticmethod
+    def _zero_rows(stack: LoRAStack, slot: int, keep: int) -> None:
+        # Rows at or past a slot's rank are always zero, so only the rows the previous
+        # adapter used beyond `keep` need zeroing: a load writes its adapter's bytes, not
+        # the whole max_rank slot.
+        used = stack.ranks[slot]
+        if used > keep:
+            stack.a[slot, keep:used].zero_()
+            stack.b_t[slot, keep:used].zero_()
