@@ -106,3 +106,21 @@ def test_mixed_batch_matches_peft_layers(make_adapter: MakeAdapter, kernel: Kern
             for i, slot in enumerate(slot_ids):
                 want = modules[slot - 1](x[i : i + 1]) if slot else base(x[i : i + 1])
                 torch.testing.assert_close(y[i], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_projection_output_columns(pool: LoRASlotPool, kernel: Kernel) -> None:
+    """A fused q/k/v projection applies each LoRA to its own column slice of one output."""
+    slot_ids = [1, 1, 2, 3, 0]
+    batch = LoRABatch.build(slot_ids, "cpu", kernel)
+    x = torch.randn(len(slot_ids), TINY.hidden_size)
+    widths = [TINY.features(p)[1] for p in ("q_proj", "k_proj", "v_proj")]
+    y = torch.randn(len(slot_ids), sum(widths))
+    expected = y.clone()
+    start = 0
+    for projection, width in zip(("q_proj", "k_proj", "v_proj"), widths, strict=True):
+        stack = pool.stack(1, projection)
+        naive(expected[:, start : start + width], x, stack, slot_ids)
+        add_lora(y[:, start : start + width], x, stack, batch)
+        start += width
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
