@@ -136,6 +136,7 @@ class AdapterCache:
     def drop(self, ref: AdapterRef) -> None:
         """Forget a deleted adapter in every tier (its slot is cleared once unpinned)."""
         sha = ref.sha256
+        self._loading.pop(sha, None)  # a load in flight finishes, but nothing places it
         self._staged.pop(sha, None)
         self._failed.pop(sha, None)
         self._host.pop(sha)

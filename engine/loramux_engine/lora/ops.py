@@ -24,7 +24,11 @@ Two kernels with the same semantics:
 - bgmv: gather A[s] and B[s] per token, then two batched matmuls; a fixed number of ops
   whatever the mix, but it copies rank x (in + out) weights per token.
 
-Measured on the 2-core CPU (bench_ops.py), sgmv wins in every case, so it is the default.
+Measured with bench_ops.py on SmolLM2-135M's 210 projections, rank 16, one thread: sgmv
+with tokens grouped by slot costs +9% / +22% / +69% over the base matmuls at 16 tokens
+and 1 / 4 / 16 adapters, +7% / +11% / +25% at 256 tokens; bgmv +37% / +44% / +73% and
++392% / +397% / +190% (it copies weights per token). sgmv is the default on every
+device; bgmv stays for measuring on GPUs, where copies are cheap and launches are not.
 """
 
 from __future__ import annotations
