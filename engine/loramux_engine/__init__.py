@@ -7,6 +7,7 @@ from loramux_engine.config import EngineConfig
 from loramux_engine.engine.async_engine import AsyncLLMEngine
 from loramux_engine.engine.llm_engine import LLMEngine
 from loramux_engine.errors import (
+    AdapterRequestError,
     EngineConfigError,
     InvalidSamplingParamsError,
     ModelLoadError,
@@ -16,6 +17,7 @@ from loramux_engine.outputs import EngineStats, RequestOutput
 from loramux_engine.sampling_params import SamplingParams
 
 __all__ = [
+    "AdapterRequestError",
     "AsyncLLMEngine",
     "EngineConfig",
     "EngineConfigError",

@@ -23,8 +23,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     num_threads: int | None = None  # CPU intra-op threads; None keeps torch's default
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
-    # Opaque handle the LoRA layer uses to fetch adapters; the base engine never reads it.
+    # Multi-LoRA: an AdapterSource (lora/source.py) turns it on; without one, a request
+    # naming an adapter is refused.
     adapter_source: object | None = None
+    max_loras: int = 16  # device slots for resident adapters (slot 0, "no adapter", extra)
+    max_lora_rank: int = 64
+    adapter_device_bytes: int | None = None  # when set, caps the slots to what it pays for
+    adapter_host_bytes: int = 1 << 30
+    adapter_disk_bytes: int = 8 << 30
+    adapter_cache_dir: str | None = None  # None: a temporary directory owned by the engine
+    adapter_loader_threads: int = 2
+    adapter_failure_ttl_s: float = 30.0  # a failed load is not retried for this long
 
     def __post_init__(self) -> None:
         if not os.path.isfile(os.path.join(self.model_dir, "config.json")):
@@ -40,6 +49,14 @@ class EngineConfig:
             raise EngineConfigError("max_model_len must be at least 2")
         if self.num_threads is not None and self.num_threads < 1:
             raise EngineConfigError("num_threads must be positive")
+        for name in ("max_loras", "adapter_loader_threads"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name} must be positive")
+        if self.max_lora_rank < 64:
+            raise EngineConfigError("max_lora_rank must be at least 64")
+        for name in ("adapter_host_bytes", "adapter_disk_bytes", "adapter_failure_ttl_s"):
+            if getattr(self, name) < 0:
+                raise EngineConfigError(f"{name} must not be negative")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -25,3 +25,7 @@ class PromptTooLongError(ValueError):
 
 class ModelLoadError(ValueError):
     """The model directory is not a LLaMA-family checkpoint this engine can load."""
+
+
+class AdapterRequestError(ValueError):
+    """A request names an adapter this engine cannot serve (no adapter source configured)."""

@@ -10,12 +10,13 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     text: str  # the text delta since the previous output of this request
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     num_prompt_tokens: int
     num_output_tokens: int
     # One entry per new token when logprobs were asked for.
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    error: Exception | None = None  # with finish_reason "error": why (e.g. AdapterLoadError)
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.llm_engine import LLMEngine
+from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.outputs import EngineStats, RequestOutput
 from loramux_engine.sampling_params import SamplingParams
 
@@ -69,6 +70,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._submit(request_id, lambda: self.engine.abort(request_id))
 
+    def drop_adapter(self, ref: AdapterRef) -> None:
+        """Forget a deleted adapter version; runs on the engine thread, between steps."""
+        self._submit("", lambda: self.engine.drop_adapter(ref))
+
     async def generate(
         self,
         request_id: str,
@@ -78,7 +83,7 @@ class AsyncLLMEngine:
         priority: int = 0,
         adapter: object | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        self.engine.validate_request(prompt_token_ids, params)
+        self.engine.validate_request(prompt_token_ids, params, adapter)
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
@@ -142,7 +147,8 @@ class AsyncLLMEngine:
                 self._fail_all(e)
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                # a request that failed on its own (its adapter did not load) raises its error
+                self._deliver(out.request_id, out.error or out)
             self._stats = self.engine.stats()
 
     def _fail_all(self, error: Exception) -> None:

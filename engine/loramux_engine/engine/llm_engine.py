@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from loramux_engine.config import EngineConfig
+from loramux_engine.engine.adapters import adapter_cache_stats, build_adapter_cache, check_adapter
 from loramux_engine.engine.detokenizer import IncrementalDetokenizer, find_stop
 from loramux_engine.engine.kv_cache import KVCacheManager
 from loramux_engine.engine.model_runner import ModelRunner
@@ -21,11 +22,13 @@ from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.errors import EngineConfigError, InvalidSamplingParamsError, PromptTooLongError
 from loramux_engine.layers.sampler import SampledToken
+from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.models.config import load_model_args
 from loramux_engine.outputs import EngineStats, RequestOutput
 from loramux_engine.sampling_params import SamplingParams
 
 _RATE_WINDOW_S = 10.0
+_IDLE_LOAD_WAIT_S = 0.05
 
 
 def _load_tokenizer(model_dir: str) -> Any:
@@ -70,8 +73,14 @@ class LLMEngine:
             self.device,
             config.cpu_decode_kernel,
         )
+        self.adapters = build_adapter_cache(config, self.dtype, self.device)
+        if self.adapters is not None:
+            self.runner.attach_lora(self.adapters.pool)
         self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, KVCacheManager(num_cache_rows)
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            KVCacheManager(num_cache_rows),
+            self.adapters,
         )
         self._seqs: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -80,8 +89,11 @@ class LLMEngine:
         self._recent: deque[tuple[float, int, int]] = deque()
         self._stats = EngineStats(kv_cache_tokens_total=num_cache_rows)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, adapter: object | None = None
+    ) -> None:
         """Raise the error ``add_request`` would; safe to call from any thread."""
+        check_adapter(adapter, self.adapters)
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -103,7 +115,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in the engine")
-        self.validate_request(prompt_token_ids, params)
+        self.validate_request(prompt_token_ids, params, adapter)
         max_len = self.max_model_len
         if params.max_tokens is not None:
             max_len = min(max_len, len(prompt_token_ids) + params.max_tokens)
@@ -138,6 +150,16 @@ class LLMEngine:
             self._pending.append(self._output(seq, []))
         self._forget(seq)
 
+    def drop_adapter(self, ref: AdapterRef) -> None:
+        """Forget a deleted adapter version in every cache tier (running requests finish)."""
+        if self.adapters is not None:
+            self.adapters.drop(ref)
+
+    def close(self) -> None:
+        """Stop the adapter loader threads; the engine is unusable afterwards."""
+        if self.adapters is not None:
+            self.adapters.close()
+
     def unfinished_request_ids(self) -> list[str]:
         return list(self._seqs)
 
@@ -146,8 +168,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        if self.adapters is not None:
+            self.adapters.poll()  # a failed load fails its requests at their admission
         seqs = self.scheduler.schedule()
+        for seq in self.scheduler.failed:
+            outputs.append(self._output(seq, []))
+            self._forget(seq)
+        self.scheduler.failed.clear()
         if not seqs:
+            if self.adapters is not None and not outputs:
+                self.adapters.wait_for_load(_IDLE_LOAD_WAIT_S)  # nothing to run until one lands
             return outputs
         num_tokens = sum(s.num_scheduled_tokens for s in seqs)
         num_prompt = sum(
@@ -218,6 +248,7 @@ class LLMEngine:
                 if wants and seq.params.num_top_logprobs
                 else None
             ),
+            error=seq.error,
         )
 
     def _forget(self, seq: Sequence) -> None:
@@ -256,16 +287,23 @@ class LLMEngine:
             num_steps_total=s.num_steps_total,
             last_step_num_tokens=s.last_step_num_tokens,
             last_step_num_sampled=s.last_step_num_sampled,
+            extra=adapter_cache_stats(self.adapters),
         )
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[AdapterRef | None] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; one aggregated output per prompt, in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapter_list = adapters or [None] * len(prompts)
         ids = [f"generate-{id(self)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
-        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
-            self.add_request(request_id, prompt, p)
+        for request_id, prompt, p, adapter in zip(
+            ids, prompts, params_list, adapter_list, strict=True
+        ):
+            self.add_request(request_id, prompt, p, adapter=adapter)
         done: dict[str, RequestOutput] = {}
         while any(i not in done or not done[i].finished for i in ids):
             for out in self.step():
@@ -274,6 +312,7 @@ class LLMEngine:
                     merged.new_token_ids += out.new_token_ids
                     merged.text += out.text
                     merged.finish_reason = out.finish_reason
+                    merged.error = out.error
                     merged.num_output_tokens = out.num_output_tokens
                     if merged.logprobs is not None and out.logprobs is not None:
                         merged.logprobs += out.logprobs

@@ -6,7 +6,10 @@ import torch
 
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.kernels import decode_attention
+from loramux_engine.layers.linear import Linear
 from loramux_engine.layers.sampler import SampledToken, sample
+from loramux_engine.lora.ops import LoRABatch
+from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.models.config import ModelArgs
 from loramux_engine.utils.context import AttentionSegment, Context, reset_context, set_context
 from loramux_engine.utils.loader import load_model
@@ -43,6 +46,13 @@ class ModelRunner:
             attn.v_cache = self.kv_cache[i, 1]
             attn.decode_kernel = kernel
 
+    def attach_lora(self, pool: LoRASlotPool) -> None:
+        """Point every adaptable projection at its stack in the pool (done once, at build)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, Linear) and module.projection in pool.projections:
+                layer = int(name.split(".")[2])  # model.layers.<i>.<self_attn|mlp>.<proj>
+                module.lora_stack = pool.stack(layer, module.projection)
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
@@ -73,10 +83,10 @@ class ModelRunner:
             Context(
                 cache_positions=self._tensor(cache_positions),
                 segments=segments,
-                slot_ids=self._tensor(slot_ids),
                 num_decode=len(decode_lens),
                 decode_kv_starts=torch.tensor(decode_starts, dtype=torch.long),
                 decode_kv_lens=torch.tensor(decode_lens, dtype=torch.long),
+                lora_batch=LoRABatch.build(slot_ids, self.device) if any(slot_ids) else None,
             )
         )
         return self._tensor(input_ids), self._tensor(positions), sample_rows

@@ -9,6 +9,11 @@ key that has received the least service goes first. Service is a virtual token
 counter, prompt tokens weighing 1 and generated tokens 2; a key coming back
 from idle starts at the lowest counter among the active keys, so idling banks
 no credit.
+
+A sequence for an adapter is admitted only once the adapter cache has pinned the
+adapter in a device slot; while it loads, later sequences (other adapters, or none)
+are admitted past it. The admitted batch is ordered by adapter slot, decode tokens
+first, so that each slot's tokens are one or two contiguous runs for the LoRA op.
 """
 
 from __future__ import annotations
@@ -17,13 +22,25 @@ from collections import Counter
 
 from loramux_engine.engine.kv_cache import KVCacheManager
 from loramux_engine.engine.sequence import Sequence, SequenceStatus
+from loramux_engine.lora.cache import AdapterCache
+from loramux_engine.lora.errors import AdapterLoadError
+from loramux_engine.lora.ref import AdapterRef
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv_cache: KVCacheManager):
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kv_cache: KVCacheManager,
+        adapters: AdapterCache | None = None,
+    ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache = kv_cache
+        self.adapters = adapters
+        # Sequences whose adapter failed to load; the engine reports and forgets them.
+        self.failed: list[Sequence] = []
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.service: dict[str, float] = {}  # virtual tokens served, per fairness key
@@ -41,11 +58,28 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _select_next(self) -> Sequence:
-        """Next to admit: lowest priority value, then least served key, then first come."""
-        return min(
+    def _admission_order(self) -> list[Sequence]:
+        """Lowest priority value, then least served key, then first come."""
+        return sorted(
             self.waiting, key=lambda s: (s.priority, self.service[s.fairness_key], s.arrival)
         )
+
+    def _pin_adapter(self, seq: Sequence) -> bool:
+        """Pin the sequence's adapter in a slot; False while it loads (or if it failed)."""
+        if not isinstance(seq.adapter, AdapterRef):
+            return True
+        assert self.adapters is not None, "the engine refuses adapters when it has no cache"
+        try:
+            slot = self.adapters.acquire(seq.adapter)
+        except AdapterLoadError as error:
+            seq.error = error
+            self.finish(seq, "error")
+            self.failed.append(seq)
+            return False
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
 
     def schedule(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
@@ -58,10 +92,13 @@ class Scheduler:
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
         # admit
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self._select_next()
+        for seq in self._admission_order():
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
             if not self.kv_cache.can_allocate(seq):
                 break
+            if not self._pin_adapter(seq):
+                continue  # only this adapter's requests wait for its load
             self.kv_cache.allocate(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -69,6 +106,7 @@ class Scheduler:
             seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
+        scheduled.sort(key=lambda s: (s.num_scheduled_tokens > 1, s.adapter_slot))
         return scheduled
 
     def postprocess(self, seqs: list[Sequence], sampled: list[int | None]) -> None:
@@ -88,6 +126,10 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.kv_cache.deallocate(seq)
+            if seq.adapter_slot:
+                assert self.adapters is not None and isinstance(seq.adapter, AdapterRef)
+                self.adapters.release(seq.adapter)
+                seq.adapter_slot = 0
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         else:

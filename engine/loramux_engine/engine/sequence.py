@@ -39,7 +39,8 @@ class Sequence:
         self.fairness_key = fairness_key
         self.priority = priority
         self.adapter = adapter
-        self.adapter_slot = 0  # set by the LoRA layer once the adapter is resident
+        self.adapter_slot = 0  # the adapter's pinned device slot while running; 0: none
+        self.error: Exception | None = None  # why it finished with reason "error"
         self.generator = generator
         self.arrival = next(_arrivals)
         self.status = SequenceStatus.WAITING

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,6 +132,12 @@ class AdapterCache:
         for sha in list(self._staged)[:room]:
             self._place(sha)
         return failures
+
+    def wait_for_load(self, timeout_s: float) -> None:
+        """Block until a load in flight finishes (or timeout_s): for an engine with no work."""
+        futures = [future for _, future in self._loading.values()]
+        if futures:
+            wait(futures, timeout_s, return_when=FIRST_COMPLETED)
 
     def drop(self, ref: AdapterRef) -> None:
         """Forget a deleted adapter in every tier (its slot is cleared once unpinned)."""

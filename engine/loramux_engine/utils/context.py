@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loramux_engine.lora.ops import LoRABatch
+
 
 @dataclass(slots=True)
 class AttentionSegment:
@@ -22,11 +24,12 @@ class AttentionSegment:
 class Context:
     cache_positions: torch.Tensor  # [num_tokens] cache row each new key/value goes to
     segments: list[AttentionSegment]
-    slot_ids: torch.Tensor  # [num_tokens] adapter slot of each token, 0 = no adapter
     # The batch opens with its decode tokens (one per sequence): segments[:num_decode]
     num_decode: int
     decode_kv_starts: torch.Tensor  # [num_decode] int64, for the CPU decode kernel
     decode_kv_lens: torch.Tensor  # [num_decode] int64
+    # Each token's adapter slot; None when no token of this step uses an adapter.
+    lora_batch: LoRABatch | None = None
 
 
 # Thread-local so that two engines stepping on two threads never see each other's batch.
