@@ -12,8 +12,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from loramux.api import adapters, admin, batches, console, engine, files, health, inference, models
 from loramux import openapi
+from loramux.api import adapters, admin, batches, console, engine, files, health, inference, models
 from loramux.auth.backend import ApiKeyBackend, on_auth_error
 from loramux.db.session import make_engine, make_session_factory
 from loramux.errors import APIError, api_error_handler, internal_error_handler

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loramux.app import build_state, create_app
-from loramux.settings import Settings
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
+
+from loramux.app import build_state, create_app
+from loramux.settings import Settings
 
 ADMIN_KEY = "lmx_test-admin-key-0123456789abcdef"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from loramux.db.models import ApiKey, AuditLog, Tenant
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
+from loramux.db.models import ApiKey, AuditLog, Tenant
 from tests.platform.conftest import ADMIN_KEY, admin_headers
 
 
