@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -99,7 +102,9 @@ async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def internal_error_handler(_request: Request, _exc: Exception) -> JSONResponse:
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # The method and path only: never a body, which may hold prompt text.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     body = APIError("The server had an error while processing your request.").body()
     body["error"].update(type="server_error", code="internal_error")
     return JSONResponse(body, status_code=500)
