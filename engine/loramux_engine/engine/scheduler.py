@@ -58,10 +58,22 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _admission_order(self) -> list[Sequence]:
-        """Lowest priority value, then least served key, then first come."""
-        return sorted(
-            self.waiting, key=lambda s: (s.priority, self.service[s.fairness_key], s.arrival)
+    def _select_next(self, skipped: set[Sequence], charged: Counter[str]) -> Sequence | None:
+        """Next to admit: lowest priority value, then least served key, then first come.
+
+        ``charged`` holds the prompt tokens admitted earlier in this same step, so that
+        one pass over a flooded queue already interleaves the keys.
+        """
+        candidates = [s for s in self.waiting if s not in skipped]
+        if not candidates:
+            return None
+        return min(
+            candidates,
+            key=lambda s: (
+                s.priority,
+                self.service[s.fairness_key] + charged[s.fairness_key],
+                s.arrival,
+            ),
         )
 
     def _pin_adapter(self, seq: Sequence) -> bool:
@@ -92,13 +104,16 @@ class Scheduler:
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
         # admit
-        for seq in self._admission_order():
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
-                break
-            if not self.kv_cache.can_allocate(seq):
+        skipped: set[Sequence] = set()
+        charged: Counter[str] = Counter()
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._select_next(skipped, charged)
+            if seq is None or not self.kv_cache.can_allocate(seq):
                 break
             if not self._pin_adapter(seq):
-                continue  # only this adapter's requests wait for its load
+                skipped.add(seq)  # only this adapter's requests wait for its load
+                continue
+            charged[seq.fairness_key] += seq.num_prompt_tokens
             self.kv_cache.allocate(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
