@@ -97,12 +97,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
         # decode first so long prompts never stall running sequences
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+        for running in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
             if budget == 0:
                 break
-            seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
-            budget -= seq.num_scheduled_tokens
-            scheduled.append(seq)
+            running.num_scheduled_tokens = min(running.num_uncomputed_tokens, budget)
+            budget -= running.num_scheduled_tokens
+            scheduled.append(running)
         # admit
         skipped: set[Sequence] = set()
         charged: Counter[str] = Counter()
