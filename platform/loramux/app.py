@@ -56,6 +56,9 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
         try:
             yield
         finally:
+            # Here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down.
+            for hook in app_state.shutdown_hooks:
+                hook()
             if app_state.engine is not None:
                 app_state.engine.shutdown()
             app_state.db_engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,9 @@ class AppState:
     limiter: RateLimiter
     # The EngineClient (loramux.engine_client); None when this process serves no engine.
     engine: Any = None
+    # Run when the app shuts down (e.g. stopping the embedded Celery worker).
+    shutdown_hooks: list[Callable[[], None]] = field(default_factory=list)
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine)
-
-    extras: dict[str, Any] = field(default_factory=dict)

@@ -78,15 +78,16 @@ def main(args: argparse.Namespace) -> int:
     except (ModelError, EngineConfigError, ModelLoadError) as error:
         print(f"error: cannot start the engine: {error}", file=sys.stderr)
         return 1
-    app = create_app(settings, app_state=build_state(settings, storage=storage, engine=engine))
-    worker = None
+    app_state = build_state(settings, storage=storage, engine=engine)
     if settings.broker_url is None:
         # The embedded default: a worker of our own on the SQLite broker, stopped with us.
         worker = EmbeddedWorker(settings)
         worker.start()
-    try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
-    finally:
-        if worker is not None:
-            worker.stop()
+        app_state.shutdown_hooks.append(worker.stop)
+    uvicorn.run(
+        create_app(settings, app_state=app_state),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+    )
     return 0

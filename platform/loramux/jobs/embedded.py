@@ -6,7 +6,9 @@ the solo pool and an embedded beat for the periodic cleanup; it stops with the s
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import IO
 from pydantic import SecretStr
 
 from loramux.settings import Settings
+
+PR_SET_PDEATHSIG = 1
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -43,6 +47,12 @@ def worker_command(*, beat_schedule: Path | None = None, loglevel: str = "INFO")
     return command
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the server dies, however it dies (even SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedWorker:
     """``start()`` / ``stop()`` a worker subprocess for ``settings``."""
 
@@ -57,6 +67,7 @@ class EmbeddedWorker:
             env=settings_env(self.settings),
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log is not None else None,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
     def stop(self, timeout_s: float = 15.0) -> None:
