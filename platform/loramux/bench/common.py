@@ -73,11 +73,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def format_table(systems: dict[str, SystemResult]) -> str:
-    header = f"{'system':<16} {'tokens/s':>10} {'TTFT p50 (s)':>13} {'TTFT p95 (s)':>13}"
+    header = f"{'system':<20} {'tokens/s':>10} {'TTFT p50 (s)':>13} {'TTFT p95 (s)':>13}"
     lines = [header, "-" * len(header)]
     for name, r in systems.items():
         lines.append(
-            f"{name:<16} {r.tokens_per_s:>10.1f} {r.ttft_p50_s:>13.3f} {r.ttft_p95_s:>13.3f}"
+            f"{name:<20} {r.tokens_per_s:>10.1f} {r.ttft_p50_s:>13.3f} {r.ttft_p95_s:>13.3f}"
         )
     return "\n".join(lines)
 
@@ -87,11 +87,14 @@ def write_report(
     workload: dict[str, Any],
     systems: dict[str, SystemResult],
     ratios: dict[str, float],
+    **sections: Any,
 ) -> dict[str, Any]:
+    """The contract JSON; ``sections`` are further top-level objects a benchmark adds."""
     report = {
         "workload": workload,
         "systems": {name: r.as_dict() for name, r in systems.items()},
         "ratios": ratios,
+        **sections,
     }
     if path:
         Path(path).write_text(json.dumps(report, indent=2) + "\n")

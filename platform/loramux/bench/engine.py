@@ -34,28 +34,43 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def run_engine(
-    model_dir: Path, prompts: list[list[int]], output_tokens: int
+    model_dir: Path,
+    prompts: list[list[int]],
+    output_tokens: int,
+    adapters: list[Any] | None = None,
+    warm_adapters: list[Any] | None = None,
+    **config: Any,
 ) -> tuple[SystemResult, Any, list[tuple[int, int]], list[int]]:
-    """Returns the result, the engine, each step's (num_tokens, num_sampled), first-token steps."""
+    """Returns the result, the engine, each step's (num_tokens, num_sampled), first-token steps.
+
+    ``adapters`` gives each prompt's AdapterRef (None: base model); ``warm_adapters`` are
+    made resident before the clock starts; ``config`` goes to EngineConfig.
+    """
     from loramux_engine import EngineConfig, LLMEngine, SamplingParams
 
-    config = EngineConfig(str(model_dir), dtype="float32", max_num_seqs=len(prompts))
-    engine = LLMEngine(config)
+    config.setdefault("max_num_seqs", len(prompts))
+    engine = LLMEngine(EngineConfig(str(model_dir), dtype="float32", **config))
     params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
-    engine.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
+    warm = warm_adapters or [None]
+    warm_params = SamplingParams(temperature=0.0, max_tokens=2)
+    engine.generate([prompts[0][:8]] * len(warm), warm_params, adapters=warm)  # warm-up
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
+        engine.add_request(str(i), prompt, params, adapter=adapters[i] if adapters else None)
     steps: list[tuple[int, int]] = []
     first_step: dict[str, int] = {}
     ttft: dict[str, float] = {}
     num_tokens = 0
+    steps_before = engine.stats().num_steps_total
     start = time.perf_counter()
     while engine.has_unfinished():
         outputs = engine.step()
         now = time.perf_counter() - start
         stats = engine.stats()
-        steps.append((stats.last_step_num_tokens, stats.last_step_num_sampled))
+        if stats.num_steps_total - steps_before > len(steps):  # the step ran the model
+            steps.append((stats.last_step_num_tokens, stats.last_step_num_sampled))
         for out in outputs:
+            if out.error is not None:
+                raise out.error
             num_tokens += len(out.new_token_ids)
             if out.new_token_ids and out.request_id not in ttft:
                 ttft[out.request_id] = now
@@ -73,13 +88,13 @@ def _time_matmuls(linears: list[Any], lm_head: Any, num_tokens: int, num_sampled
     head_in = torch.randn(num_sampled, lm_head.in_features, device=device)
     best = float("inf")
     for _ in range(2):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for m in linears:
             F.linear(inputs[m.in_features], m.weight, m.bias)
         if num_sampled:
             F.linear(head_in, lm_head.weight)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -113,15 +128,32 @@ def run_matmul_bound(
     )
 
 
-@torch.inference_mode()
 def run_transformers(
     model_dir: Path, prompts: list[list[int]], output_tokens: int, batch_size: int
 ) -> SystemResult:
-    from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria
+    return run_hf_generate(load_hf_model(model_dir), prompts, output_tokens, batch_size)
+
+
+def load_hf_model(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def run_hf_generate(
+    model: Any,
+    prompts: list[list[int]],
+    output_tokens: int,
+    batch_size: int,
+    adapter_names: list[str] | None = None,
+) -> SystemResult:
+    """transformers' (or PEFT's, with per-row ``adapter_names``) generate, batch by batch."""
+    from transformers import GenerationConfig, StoppingCriteria
+
+    device = model.device
     pad = model.generation_config.pad_token_id
     pad = pad if isinstance(pad, int) else 0
     config = GenerationConfig(
@@ -140,23 +172,29 @@ def run_transformers(
                 self.at = time.perf_counter()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    def generate(batch: list[list[int]], stop: list[Any]) -> int:
+    def generate(batch: list[list[int]], stop: list[Any], names: list[str] | None) -> int:
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        extra = {} if names is None else {"adapter_names": names}
         out = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            stopping_criteria=stop,
+            **extra,
         )
         return int(out.shape[0] * (out.shape[1] - width))
 
-    generate([prompts[0][:8]], [])  # warm-up
+    generate([prompts[0][:8]], [], None if adapter_names is None else adapter_names[:1])
     ttfts: list[float] = []
     num_tokens = 0
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         first = FirstToken()
         batch = prompts[i : i + batch_size]
-        num_tokens += generate(batch, [first])
+        names = None if adapter_names is None else adapter_names[i : i + batch_size]
+        num_tokens += generate(batch, [first], names)
         ttfts += [(first.at or time.perf_counter()) - start] * len(batch)
     elapsed = time.perf_counter() - start
     return SystemResult.from_run(
@@ -169,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     print(f"model {model_dir}, {torch.get_num_threads()} threads", file=sys.stderr)
     systems: dict[str, SystemResult] = {}
-    prompts = workload.prompts(_vocab_size(model_dir))
+    prompts = workload.prompts(vocab_size(model_dir))
     engine_result, engine, steps, first_steps = run_engine(
         model_dir, prompts, workload.output_tokens
     )
@@ -200,12 +238,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _vocab_size(model_dir: Path) -> int:
+def vocab_size(model_dir: Path) -> int:
     from loramux_engine.models.config import load_model_args
 
     return load_model_args(str(model_dir)).vocab_size

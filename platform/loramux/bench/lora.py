@@ -1,0 +1,218 @@
+"""`loramux bench lora`: the engine with 16 adapters vs without, vs PEFT, and under thrash.
+
+The engine benchmark's workload, each request given one of 16 random rank-16 all-linear
+adapters (request i gets adapter i mod 16), fed to the engine through a DirectorySource
+on local disk:
+
+- engine_base: no adapters; engine_lora: the 16 adapters, all resident (warmed);
+- peft: PEFT ``generate`` with ``adapter_names=`` in batches of 16;
+- engine_lora_thrash: 64 adapters drawn with Zipf popularity over 8 device slots (the
+  8 most popular warmed), against engine_lora as the all-resident case;
+- cold load: on an idle engine, the extra time to first token of an adapter never seen
+  (fetched from local disk, verified, parsed, written to a slot) over a resident one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramux.bench.common import SystemResult, format_table, write_report
+from loramux.bench.engine import (
+    FULL,
+    HF_BATCH,
+    QUICK,
+    load_hf_model,
+    resolve_model_dir,
+    run_engine,
+    run_hf_generate,
+    vocab_size,
+)
+
+NUM_ADAPTERS = 16
+RANK = 16
+NUM_THRASH_ADAPTERS = 64
+NUM_THRASH_SLOTS = 8
+ZIPF_EXPONENT = 1.0
+NUM_COLD_SAMPLES = 5
+WEIGHT_STD = 0.02
+
+
+def make_adapters(model_dir: Path, root: Path, count: int, seed: int = 0) -> list[Any]:
+    """`count` random rank-16 all-linear adapters: PEFT saves one, the rest vary its tensors.
+
+    Laid out as DirectorySource reads them; returns their AdapterRefs.
+    """
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save
+
+    from loramux_engine.lora import AdapterRef, adapter_sha256
+
+    template = root / "template"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT and transformers deprecation notices
+        model = get_peft_model(
+            load_hf_model(model_dir).cpu(),
+            LoraConfig(
+                r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", init_lora_weights=False
+            ),
+        )
+        model.save_pretrained(template)
+    config = (template / "adapter_config.json").read_bytes()
+    tensors = load_file(template / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    refs = []
+    for i in range(count):
+        weights = save(
+            {n: torch.randn(t.shape, generator=generator) * WEIGHT_STD for n, t in tensors.items()},
+            {"format": "pt"},
+        )
+        ref = AdapterRef(f"bench-{i}", adapter_sha256(config, weights))
+        (root / ref.sha256).mkdir(parents=True)
+        (root / ref.sha256 / "adapter_config.json").write_bytes(config)
+        (root / ref.sha256 / "adapter_model.safetensors").write_bytes(weights)
+        refs.append(ref)
+    return refs
+
+
+def run_peft(
+    model_dir: Path,
+    root: Path,
+    refs: list[Any],
+    prompts: list[list[int]],
+    output_tokens: int,
+    batch_size: int,
+) -> SystemResult:
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(
+            load_hf_model(model_dir), root / refs[0].sha256, adapter_name=refs[0].id
+        )
+        for ref in refs[1:]:
+            model.load_adapter(root / ref.sha256, adapter_name=ref.id)
+        names = [refs[i % len(refs)].id for i in range(len(prompts))]
+        return run_hf_generate(model.eval(), prompts, output_tokens, batch_size, names)
+
+
+def cold_load_extra_ttft(engine: Any, cold: list[Any], warm: Any, prompt: list[int]) -> float:
+    """Median over `cold` of TTFT(cold adapter) - TTFT(resident adapter), same prompt."""
+    from loramux_engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def ttft(adapter: Any) -> float:
+        start = time.perf_counter()
+        engine.add_request(f"cold-{time.monotonic_ns()}", prompt, params, adapter=adapter)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.error is not None:
+                    raise out.error
+        return time.perf_counter() - start
+
+    extras = []
+    for ref in cold:
+        cold_s = ttft(ref)
+        extras.append(cold_s - min(ttft(warm) for _ in range(2)))
+    return statistics.median(extras)
+
+
+def zipf_assignment(refs: list[Any], num_requests: int, seed: int) -> list[Any]:
+    weights = [1 / (k + 1) ** ZIPF_EXPONENT for k in range(len(refs))]
+    return random.Random(seed).choices(refs, weights, k=num_requests)
+
+
+def main(args: argparse.Namespace) -> int:
+    from loramux_engine.lora import DirectorySource
+
+    workload = QUICK if args.quick else FULL
+    model_dir = resolve_model_dir(args.model)
+    print(f"model {model_dir}, {torch.get_num_threads()} threads", file=sys.stderr)
+    prompts = workload.prompts(vocab_size(model_dir))
+    n, out_tokens = workload.num_requests, workload.output_tokens
+    systems: dict[str, SystemResult] = {}
+    with tempfile.TemporaryDirectory(prefix="loramux-bench-lora-") as tmp:
+        root = Path(tmp) / "source"
+        refs = make_adapters(model_dir, root, NUM_ADAPTERS + NUM_THRASH_ADAPTERS + NUM_COLD_SAMPLES)
+        hot, thrash_refs = refs[:NUM_ADAPTERS], refs[NUM_ADAPTERS:-NUM_COLD_SAMPLES]
+        cold = refs[-NUM_COLD_SAMPLES:]
+        source = DirectorySource(root)
+
+        systems["engine_base"], engine, _, _ = run_engine(model_dir, prompts, out_tokens)
+        del engine
+        assigned = [hot[i % NUM_ADAPTERS] for i in range(n)]
+        systems["engine_lora"], engine, _, _ = run_engine(
+            model_dir,
+            prompts,
+            out_tokens,
+            assigned,
+            hot,
+            adapter_source=source,
+            max_loras=NUM_ADAPTERS,
+            adapter_cache_dir=str(Path(tmp) / "cache-lora"),
+        )
+        engine.close()
+        del engine
+
+        zipf = zipf_assignment(thrash_refs, n, workload.seed)
+        systems["engine_lora_thrash"], engine, _, _ = run_engine(
+            model_dir,
+            prompts,
+            out_tokens,
+            zipf,
+            thrash_refs[:NUM_THRASH_SLOTS],
+            adapter_source=source,
+            max_loras=NUM_THRASH_SLOTS,
+            adapter_cache_dir=str(Path(tmp) / "cache-thrash"),
+        )
+        thrash = systems["engine_lora_thrash"]
+        thrash.extra["num_adapters"] = NUM_THRASH_ADAPTERS
+        thrash.extra["num_device_slots"] = NUM_THRASH_SLOTS
+        thrash.extra["num_distinct_adapters_requested"] = len({r.sha256 for r in zipf})
+        thrash.extra["adapter_cache"] = engine.stats().extra
+        cold_extra = cold_load_extra_ttft(engine, cold, zipf[0], prompts[0][:16])
+        engine.close()
+        del engine
+        gc.collect()
+
+        systems["peft"] = run_peft(model_dir, root, hot, prompts, out_tokens, HF_BATCH[workload])
+    lora, base = systems["engine_lora"].tokens_per_s, systems["engine_base"].tokens_per_s
+    ratios = {
+        "lora_vs_base": lora / base,
+        "lora_vs_peft": lora / systems["peft"].tokens_per_s,
+        "thrash_vs_resident": thrash.tokens_per_s / lora,
+    }
+    details = {
+        **workload.as_dict(),
+        "model_dir": str(model_dir),
+        "dtype": "float32",
+        "greedy": True,
+        "threads": torch.get_num_threads(),
+        "num_adapters": NUM_ADAPTERS,
+        "adapter_rank": RANK,
+        "adapter_targets": "all-linear",
+        "peft_batch_size": HF_BATCH[workload],
+        "thrash": {
+            "num_adapters": NUM_THRASH_ADAPTERS,
+            "num_device_slots": NUM_THRASH_SLOTS,
+            "zipf_exponent": ZIPF_EXPONENT,
+        },
+    }
+    cold_load = {"extra_ttft_p50_s": cold_extra, "num_samples": NUM_COLD_SAMPLES, "rank": RANK}
+    print(format_table(systems))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    print(f"cold adapter load, extra TTFT p50: {cold_extra * 1000:.0f} ms")
+    write_report(args.json_path, details, systems, ratios, cold_adapter_load=cold_load)
+    return 0

@@ -1,0 +1,27 @@
+"""`loramux bench lora --quick` runs end to end on a tiny model and writes the contract JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from loramux.bench.lora import main
+
+
+def test_quick_bench_writes_contract_json(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(json_path=str(out), model=str(tiny_llama_dir), quick=True)
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["workload"]["num_requests"] > 0
+    assert set(report["systems"]) == {"engine_base", "engine_lora", "engine_lora_thrash", "peft"}
+    for system in report["systems"].values():
+        for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s"):
+            assert system[key] > 0
+    assert set(report["ratios"]) == {"lora_vs_base", "lora_vs_peft", "thrash_vs_resident"}
+    assert all(value > 0 for value in report["ratios"].values())
+    assert report["cold_adapter_load"]["num_samples"] > 0
+    assert (
+        "adapter_cache_device_evictions" in report["systems"]["engine_lora_thrash"]["adapter_cache"]
+    )
