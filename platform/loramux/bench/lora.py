@@ -67,7 +67,7 @@ def make_adapters(model_dir: Path, root: Path, count: int, seed: int = 0) -> lis
                 r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", init_lora_weights=False
             ),
         )
-        model.save_pretrained(template)
+        model.save_pretrained(str(template))
     config = (template / "adapter_config.json").read_bytes()
     tensors = load_file(template / "adapter_model.safetensors")
     generator = torch.Generator().manual_seed(seed)
