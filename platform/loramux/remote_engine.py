@@ -73,8 +73,10 @@ class RemoteEngineClient:
                 if not line:
                     continue
                 item = json.loads(line)
-                if "error" in item:
-                    raise RemoteEngineError(str(item["error"]))
+                if "stream_error" in item:
+                    raise RemoteEngineError(str(item["stream_error"]))
+                if item.get("error") is not None:
+                    item["error"] = RemoteEngineError(str(item["error"]))
                 if item.get("top_logprobs"):  # JSON turned the token-id keys into strings
                     item["top_logprobs"] = [
                         {int(t): lp for t, lp in top.items()} for top in item["top_logprobs"]

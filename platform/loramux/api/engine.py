@@ -20,6 +20,7 @@ from loramux.engine_client import EngineClient
 from loramux.errors import InvalidRequest, ServiceUnavailable
 from loramux_engine.errors import InvalidSamplingParamsError, PromptTooLongError
 from loramux_engine.lora.ref import AdapterRef
+from loramux_engine.outputs import RequestOutput
 from loramux_engine.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -69,14 +70,20 @@ async def generate(request: Request) -> Response:
         raise InvalidRequest(str(error), code="invalid_engine_request") from error
 
     async def lines() -> AsyncIterator[bytes]:
-        yield (json.dumps(dataclasses.asdict(first)) + "\n").encode()
+        yield _line(first)
         try:
             async for out in stream:
-                yield (json.dumps(dataclasses.asdict(out)) + "\n").encode()
+                yield _line(out)
         except Exception as error:  # in-band, the status line is already sent
-            yield (json.dumps({"error": str(error)}) + "\n").encode()
+            yield (json.dumps({"stream_error": str(error)}) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _line(out: RequestOutput) -> bytes:
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    fields["error"] = None if out.error is None else str(out.error)
+    return (json.dumps(fields) + "\n").encode()
 
 
 async def info(request: Request) -> JSONResponse:
