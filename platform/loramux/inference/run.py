@@ -27,6 +27,7 @@ from loramux.resolve import ResolvedModel, resolve_model
 from loramux.state import AppState
 from loramux.usage import check_monthly_quota, record_usage
 from loramux_engine.errors import PromptTooLongError
+from loramux_engine.lora.errors import AdapterLoadError
 from loramux_engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,14 @@ class Generation:
                 if item is None:
                     remaining -= 1
                     continue
+                if isinstance(item, AdapterLoadError) or (
+                    isinstance(item, RequestOutput) and item.finish_reason == "error"
+                ):
+                    # e.g. the adapter's blobs could not be fetched or failed their sha256
+                    cause = item if isinstance(item, BaseException) else item.error
+                    raise ServiceUnavailable(
+                        f"The engine could not serve this request: {cause}", code="engine_error"
+                    )
                 if isinstance(item, BaseException):
                     raise item
                 choice = self.choices[index]
