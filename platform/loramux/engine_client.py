@@ -90,9 +90,7 @@ class InProcessEngineClient:
         self.engine.abort(request_id)
 
     def drop_adapter(self, ref: AdapterRef) -> None:
-        drop = getattr(self.engine, "drop_adapter", None)
-        if drop is not None:
-            drop(ref)
+        self.engine.drop_adapter(ref)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -115,6 +113,13 @@ def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineC
         kv_cache_bytes=settings.engine_kv_cache_bytes,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
         adapter_source=StorageAdapterSource(storage),
+        max_loras=settings.engine_max_loras,
+        # uploads are validated against max_lora_rank; the engine's pool holds at least 64
+        max_lora_rank=max(settings.max_lora_rank, 64),
+        adapter_device_bytes=settings.adapter_device_bytes,
+        adapter_host_bytes=settings.adapter_host_bytes,
+        adapter_disk_bytes=settings.adapter_disk_bytes,
+        adapter_cache_dir=str(settings.resolved_adapter_cache_dir),
     )
 
 

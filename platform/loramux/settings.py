@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     engine_max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     engine_kv_cache_bytes: int = 1 << 30
     engine_max_batched_tokens: int = 2048
+    # Multi-LoRA: device slots for resident adapters (the engine's pool also holds ranks up
+    # to max_lora_rank), and the adapter cache's byte budgets; the disk tier defaults to
+    # home/adapter-cache.
+    engine_max_loras: int = 16
+    adapter_device_bytes: int | None = None
+    adapter_host_bytes: int = 1 << 30
+    adapter_disk_bytes: int = 8 << 30
+    adapter_cache_dir: Path | None = None
 
     default_max_tokens: int = 256
     max_tokens_cap: int = 4096
@@ -84,6 +92,10 @@ class Settings(BaseSettings):
     @property
     def resolved_batch_max_in_flight(self) -> int:
         return self.batch_max_in_flight or max(1, self.engine_max_num_seqs // 2)
+
+    @property
+    def resolved_adapter_cache_dir(self) -> Path:
+        return self.adapter_cache_dir or self.home / "adapter-cache"
 
     @property
     def models_dir(self) -> Path:

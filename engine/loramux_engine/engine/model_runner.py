@@ -27,6 +27,7 @@ class ModelRunner:
         cpu_decode_kernel: bool = True,
     ) -> None:
         self.device = device
+        self.dtype = dtype
         self.model = load_model(model_dir, args, max_model_len, dtype, device)
         # kv_cache: [num_layers, 2, kv_heads, num_cache_rows, head_dim], allocated once
         self.kv_cache = torch.zeros(
@@ -86,7 +87,11 @@ class ModelRunner:
                 num_decode=len(decode_lens),
                 decode_kv_starts=torch.tensor(decode_starts, dtype=torch.long),
                 decode_kv_lens=torch.tensor(decode_lens, dtype=torch.long),
-                lora_batch=LoRABatch.build(slot_ids, self.device) if any(slot_ids) else None,
+                lora_batch=(
+                    LoRABatch.build(slot_ids, self.device, dtype=self.dtype)
+                    if any(slot_ids)
+                    else None
+                ),
             )
         )
         return self._tensor(input_ids), self._tensor(positions), sample_rows

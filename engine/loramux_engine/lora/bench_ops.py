@@ -102,6 +102,7 @@ def run(
         cases: list[tuple[str, Kernel, bool]] = [
             ("sgmv_grouped", "sgmv", True),
             ("sgmv_interleaved", "sgmv", False),
+            ("bmm_grouped", "bmm", True),
             ("bgmv", "bgmv", True),
         ]
         with torch.inference_mode():

@@ -16,19 +16,23 @@ B is stored transposed, ``b_t = B.transpose(1, 2)``: [num_slots, max_rank, out],
 slot's first `rank` rows are one contiguous block (a third faster to read than rank
 columns strided by max_rank, measured).
 
-Two kernels with the same semantics:
+Three kernels with the same semantics:
 
 - sgmv: one (shrink, expand) matmul pair per run of consecutive tokens on one slot; the
-  weights are read once per run and never copied. Best when tokens are ordered by slot
-  (the runner should order a step's sequences by adapter slot).
-- bgmv: gather A[s] and B[s] per token, then two batched matmuls; a fixed number of ops
-  whatever the mix, but it copies rank x (in + out) weights per token.
+  weights are read once per run and never copied. Best with one or two adapters.
+- bmm: tokens grouped by slot into a zero-padded ``[num_slots_in_range, width, in]``
+  gather of x; one batched shrink and one batched expand per projection over a view of
+  the pool's slot range (no weight copy), ranks trimmed to the largest in that range,
+  then an index_add back into y. A fixed handful of ops whatever the number of adapters.
+- bgmv: gather A[s] and B[s] per token, then two batched matmuls; it copies rank x
+  (in + out) weights per token.
 
 Measured with bench_ops.py on SmolLM2-135M's 210 projections, rank 16, one thread: sgmv
 with tokens grouped by slot costs +9% / +22% / +69% over the base matmuls at 16 tokens
 and 1 / 4 / 16 adapters, +7% / +11% / +25% at 256 tokens; bgmv +37% / +44% / +73% and
-+392% / +397% / +190% (it copies weights per token). sgmv is the default on every
-device; bgmv stays for measuring on GPUs, where copies are cheap and launches are not.
++392% / +397% / +190% (it copies weights per token). sgmv's cost with many adapters is
+per-segment dispatch, which bmm removes. "auto" (the default) picks bmm when a step has
+at least BMM_MIN_SEGMENTS runs and padding at most doubles the rows, else sgmv.
 """
 
 from __future__ import annotations
@@ -39,7 +43,50 @@ from typing import Literal
 
 import torch
 
-Kernel = Literal["sgmv", "bgmv"]
+Kernel = Literal["auto", "sgmv", "bmm", "bgmv"]
+BMM_MIN_SEGMENTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGroups:
+    """The bmm kernel's layout: tokens of slots first .. first + num_slots - 1, by slot."""
+
+    first: int
+    num_slots: int
+    width: int  # tokens of the busiest slot; other slots are padded to it
+    index: torch.Tensor  # [num_slots * width] token row per position, pads point at row 0
+    mask: torch.Tensor  # [num_slots, width, 1] 1 for a token, 0 for a pad (x's dtype)
+    # Set when rows [dense_start, dense_start + num_slots * width) are already this layout
+    # (sorted by slot, every slot with `width` tokens): then x and y are used as views.
+    dense_start: int | None = None
+
+    @classmethod
+    def build(
+        cls, slot_ids: Sequence[int], device: torch.device | str, dtype: torch.dtype
+    ) -> SlotGroups:
+        rows: dict[int, list[int]] = {}
+        for i, slot in enumerate(slot_ids):
+            if slot:
+                rows.setdefault(slot, []).append(i)
+        first, last = min(rows), max(rows)
+        width = max(len(r) for r in rows.values())
+        index = [0] * ((last - first + 1) * width)
+        mask = [0.0] * len(index)
+        for slot, tokens in rows.items():
+            at = (slot - first) * width
+            index[at : at + len(tokens)] = tokens
+            mask[at : at + len(tokens)] = [1.0] * len(tokens)
+        num_slots = last - first + 1
+        start = index[0]
+        dense = len(rows) == num_slots and index == list(range(start, start + len(index)))
+        return cls(
+            first=first,
+            num_slots=num_slots,
+            width=width,
+            index=torch.tensor(index, dtype=torch.int64, device=device),
+            mask=torch.tensor(mask, dtype=dtype, device=device).view(num_slots, width, 1),
+            dense_start=start if dense else None,
+        )
 
 
 @dataclass(eq=False)
@@ -81,7 +128,8 @@ class LoRABatch:
     slot_ids: torch.Tensor  # [num_tokens], int64, on the weights' device
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) runs, slot != 0
     slots: tuple[int, ...]  # distinct non-zero slots present
-    kernel: Kernel
+    kernel: Kernel  # never "auto": build resolves it
+    groups: SlotGroups | None = None  # the bmm kernel's layout
 
     @property
     def empty(self) -> bool:
@@ -89,7 +137,11 @@ class LoRABatch:
 
     @classmethod
     def build(
-        cls, slot_ids: Sequence[int], device: torch.device | str, kernel: Kernel = "sgmv"
+        cls,
+        slot_ids: Sequence[int],
+        device: torch.device | str,
+        kernel: Kernel = "auto",
+        dtype: torch.dtype = torch.float32,
     ) -> LoRABatch:
         segments: list[tuple[int, int, int]] = []
         start = 0
@@ -100,7 +152,23 @@ class LoRABatch:
                 start = i
         slots = tuple(sorted({slot for slot, _, _ in segments}))
         ids = torch.tensor(list(slot_ids), dtype=torch.int64, device=device)
-        return cls(slot_ids=ids, segments=tuple(segments), slots=slots, kernel=kernel)
+        groups = None
+        if kernel == "auto":
+            kernel = "sgmv"
+            if len(segments) >= BMM_MIN_SEGMENTS:
+                groups = SlotGroups.build(slot_ids, device, dtype)
+                num_rows = sum(end - start for _, start, end in segments)
+                if groups.num_slots * groups.width <= 2 * num_rows:
+                    kernel = "bmm"
+        if kernel == "bmm" and groups is None and segments:
+            groups = SlotGroups.build(slot_ids, device, dtype)
+        return cls(
+            slot_ids=ids,
+            segments=tuple(segments),
+            slots=slots,
+            kernel=kernel,
+            groups=groups if kernel == "bmm" else None,
+        )
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatch) -> None:
@@ -109,6 +177,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatc
         return
     if batch.kernel == "sgmv":
         sgmv(y, x, stack, batch)
+    elif batch.kernel == "bmm":
+        bmm(y, x, stack, batch)
     else:
         bgmv(y, x, stack, batch)
 
@@ -124,6 +194,30 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatch) -
             y.addmm_(torch.mm(x, shrink), expand, alpha=stack.scales[slot])
         else:
             y[start:end].addmm_(torch.mm(x[start:end], shrink), expand, alpha=stack.scales[slot])
+
+
+def bmm(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatch) -> None:
+    # x: [num_tokens, in]  y: [num_tokens, out]
+    g = batch.groups
+    assert g is not None
+    end = g.first + g.num_slots
+    rank = max(stack.ranks[g.first : end])
+    if rank == 0:
+        return
+    a_t = stack.a[g.first : end, :rank].transpose(1, 2)  # [slots, in, rank]
+    b_t = stack.b_t[g.first : end, :rank]  # [slots, rank, out]
+    scale = stack.scale[g.first : end].view(-1, 1, 1)
+    if g.dense_start is not None:  # no gather, no pads, the delta added in place
+        rows = slice(g.dense_start, g.dense_start + g.num_slots * g.width)
+        h = torch.bmm(x[rows].reshape(g.num_slots, g.width, -1), a_t)  # [slots, width, rank]
+        h.mul_(scale)
+        y[rows].view(g.num_slots, g.width, -1).baddbmm_(h, b_t)
+        return
+    xg = x.index_select(0, g.index).view(g.num_slots, g.width, -1)  # [slots, width, in]
+    h = torch.bmm(xg, a_t)  # [slots, width, rank]
+    h.mul_(scale * g.mask)
+    delta = torch.bmm(h, b_t)  # [slots, width, out]
+    y.index_add_(0, g.index, delta.view(g.num_slots * g.width, -1))
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatch) -> None:

@@ -11,7 +11,7 @@ from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.lora.shape import PROJECTIONS
 from tests.engine.lora.adapters import MAX_RANK, TINY, MakeAdapter, read_files
 
-KERNELS: list[Kernel] = ["sgmv", "bgmv"]
+KERNELS: tuple[Kernel, ...] = ("sgmv", "bmm", "bgmv", "auto")
 
 
 def naive(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, slot_ids: list[int]) -> None:
@@ -46,6 +46,7 @@ SLOT_PATTERNS = [
     [2, 0, 1, 3, 1, 2, 3, 0],  # interleaved
     [3, 3, 3, 3, 3, 3, 3, 3],  # one adapter
     [0, 4, 4, 1, 0, 0, 2, 2],  # slot 4 is empty: its tokens are unchanged
+    [0, 0, 1, 1, 2, 2, 3, 3],  # dense: sorted, every slot with the same count (views, no pads)
 ]
 
 
