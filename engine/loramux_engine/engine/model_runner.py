@@ -11,6 +11,7 @@ from loramux_engine.layers.sampler import SampledToken, sample
 from loramux_engine.lora.ops import LoRABatch
 from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.models.config import ModelArgs
+from loramux_engine.utils.allocator import keep_large_blocks
 from loramux_engine.utils.context import AttentionSegment, Context, reset_context, set_context
 from loramux_engine.utils.loader import load_model
 
@@ -28,6 +29,8 @@ class ModelRunner:
     ) -> None:
         self.device = device
         self.dtype = dtype
+        if device.type == "cpu":
+            keep_large_blocks()
         self.model = load_model(model_dir, args, max_model_len, dtype, device)
         # kv_cache: [num_layers, 2, kv_heads, num_cache_rows, head_dim], allocated once
         self.kv_cache = torch.zeros(
@@ -40,7 +43,12 @@ class ModelRunner:
             device=device,
         )
         kernel = None
-        if cpu_decode_kernel and device.type == "cpu" and dtype == torch.float32:
+        if (
+            cpu_decode_kernel
+            and device.type == "cpu"
+            and dtype == torch.float32
+            and decode_attention.supports(args.num_heads, args.num_kv_heads, args.head_dim)
+        ):
             kernel = decode_attention.load()
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache = self.kv_cache[i, 0]

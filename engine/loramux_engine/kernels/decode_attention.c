@@ -5,25 +5,34 @@
  *   out[b, h] = softmax(scale * K[start_b : start_b + len_b] @ q[b, h]) @ V[...]
  * Shape: q, out: [num_seqs, num_heads, head_dim];
  *        k_cache, v_cache: [num_kv_heads, cache_rows, head_dim] (row-major, contiguous);
- *        starts, lens: [num_seqs] (int64).
- * Work items (sequence, kv head) are spread over num_threads pthreads.
+ *        starts, lens: [num_seqs] (int64); head_dim a multiple of 16, at most 256.
+ *
+ * One pass over the keys with an online softmax (flash-decoding): each key and value
+ * row is read once and used by every query head of its group, so the kernel runs at
+ * the speed of reading the cache. Vectors are GCC/clang vector extensions, lowered to
+ * whatever the target has (AVX-512, AVX2, NEON). Work items (sequence, kv head) are
+ * spread over num_threads pthreads.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <string.h>
 
 #define MAX_GROUP 16
-#define LANES 16
+#define MAX_CHUNKS 16 /* head_dim / 16 */
+#define BLOCK 16      /* keys per online-softmax step: one vector of scores */
+#define PREFETCH 8     /* rows ahead; past a sequence's end it only warms its neighbour */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 
 typedef struct {
     const float *q, *k, *v;
     float *out;
     const int64_t *starts, *lens;
-    int64_t num_seqs, num_heads, num_kv_heads, head_dim, cache_rows, max_len;
+    int64_t num_seqs, num_heads, num_kv_heads, head_dim, cache_rows;
     float scale;
     int num_threads;
-    volatile int failed;
 } Args;
 
 typedef struct {
@@ -31,63 +40,183 @@ typedef struct {
     int thread_id;
 } Job;
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += a[d + j] * b[d + j];
-    float total = 0.f;
-    for (int j = 0; j < LANES; j++) total += acc[j];
-    for (; d < n; d++) total += a[d] * b[d];
+static inline v16 splat(float x) { return (v16){0} + x; }
+
+/* mask ? a : b per lane; mask lanes are all ones or all zeros (a vector comparison) */
+static inline v16 select(v16i mask, v16 a, v16 b) {
+    v16i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    v16i r = (mask & ai) | (~mask & bi);
+    v16 out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline float hsum(v16 x) {
+    float lanes[16], total = 0.f;
+    memcpy(lanes, &x, sizeof lanes);
+    for (int i = 0; i < 16; i++) total += lanes[i];
     return total;
 }
 
-static void attend(const Args *a, int64_t b, int64_t kvh, float *scores) {
-    const int64_t D = a->head_dim, G = a->num_heads / a->num_kv_heads, L = a->lens[b];
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+
+/* Lane sums of 16 vectors at once: out[j] = sum(t[j]). A tree of 15 pairwise steps,
+ * each adding the two halves of every key's lanes, instead of 16 serial reductions. */
+static inline v16 transpose_sum(v16 t[BLOCK]) {
+    v16 u[8], w[4], z[2];
+    for (int i = 0; i < 8; i++)
+        u[i] = SHUFFLE(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7,
+                       16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUFFLE(t[2 * i], t[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15,
+                       24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        w[i] = SHUFFLE(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11,
+                       16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUFFLE(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15,
+                       20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        z[i] = SHUFFLE(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13,
+                       16, 17, 20, 21, 24, 25, 28, 29) +
+               SHUFFLE(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15,
+                       18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUFFLE(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUFFLE(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+static inline float hmax(v16 x) {
+    float lanes[16], best = -INFINITY;
+    memcpy(lanes, &x, sizeof lanes);
+    for (int i = 0; i < 16; i++) best = lanes[i] > best ? lanes[i] : best;
+    return best;
+}
+
+/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial), within
+ * about one ulp of expf; below -87 it flushes to 0 so masked lanes give exactly 0. */
+static inline v16 vexp(v16 x) {
+    const v16 lo = splat(-87.0f);
+    v16i tiny = x < lo;
+    x = select(tiny, lo, x);
+    v16 fx = x * 1.44269504088896341f + 0.5f;
+    v16i n = __builtin_convertvector(fx, v16i);
+    v16 nf = __builtin_convertvector(n, v16);
+    v16i above = nf > fx; /* truncation rounded up for negatives: floor() */
+    n += above;
+    nf = __builtin_convertvector(n, v16);
+    x = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    v16 p = splat(1.9875691500e-4f);
+    p = p * x + 1.3981999507e-3f;
+    p = p * x + 8.3334519073e-3f;
+    p = p * x + 4.1665795894e-2f;
+    p = p * x + 1.6666665459e-1f;
+    p = p * x + 5.0000001201e-1f;
+    p = p * x * x + x + 1.0f;
+    v16i bits = (n + 127) << 23;
+    v16 two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    v16 y = p * two_n;
+    return select(tiny, splat(0.f), y);
+}
+
+/* G query heads per kv head, C vectors per head; inlined with constant G and C for the
+ * common shapes so that the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend_group(const Args *a, int64_t b,
+                                                               int64_t kvh, const int64_t G,
+                                                               const int64_t C) {
+    const int64_t D = C * 16;
+    const int64_t L = a->lens[b];
     const float *K = a->k + (kvh * a->cache_rows + a->starts[b]) * D;
     const float *V = a->v + (kvh * a->cache_rows + a->starts[b]) * D;
     const float *q = a->q + (b * a->num_heads + kvh * G) * D;
     float *out = a->out + (b * a->num_heads + kvh * G) * D;
+    v16 qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS];
     float maxs[MAX_GROUP], sums[MAX_GROUP];
-    for (int64_t g = 0; g < G; g++) maxs[g] = -INFINITY, sums[g] = 0.f;
-    for (int64_t l = 0; l < L; l++) {
-        for (int64_t g = 0; g < G; g++) {
-            float s = a->scale * dot(q + g * D, K + l * D, D);
-            scores[g * a->max_len + l] = s;
-            if (s > maxs[g]) maxs[g] = s;
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t c = 0; c < C; c++) {
+            memcpy(&qv[g][c], q + g * D + c * 16, sizeof(v16));
+            qv[g][c] *= a->scale;
+            acc[g][c] = splat(0.f);
+        }
+        maxs[g] = -INFINITY, sums[g] = 0.f;
+    }
+    const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t l0 = 0; l0 < L; l0 += BLOCK) {
+        const int64_t n = L - l0 < BLOCK ? L - l0 : BLOCK;
+        v16 partial[MAX_GROUP][BLOCK];
+        for (int64_t j = 0; j < BLOCK; j++) {  /* K row read once for the group */
+            if (j >= n) {
+                for (int64_t g = 0; g < G; g++) partial[g][j] = splat(0.f);
+                continue;
+            }
+            v16 kv[MAX_CHUNKS];
+            const float *kr = K + (l0 + j) * D;
+            for (int64_t c = 0; c < C; c++) {
+                __builtin_prefetch(kr + PREFETCH * D + c * 16);
+                memcpy(&kv[c], kr + c * 16, sizeof(v16));
+            }
+            for (int64_t g = 0; g < G; g++) {
+                v16 t = qv[g][0] * kv[0];
+                for (int64_t c = 1; c < C; c++) t += qv[g][c] * kv[c];
+                partial[g][j] = t;
+            }
+        }
+        float probs[MAX_GROUP][BLOCK];
+        for (int64_t g = 0; g < G; g++) {  /* online softmax: rescale what came before */
+            v16 s = transpose_sum(partial[g]);
+            s = select(lane < (float)n, s, splat(-INFINITY));
+            const float m = fmaxf(maxs[g], hmax(s));
+            const float correction = expf(maxs[g] - m);
+            const v16 p = vexp(s - m);
+            sums[g] = sums[g] * correction + hsum(p);
+            maxs[g] = m;
+            for (int64_t c = 0; c < C; c++) acc[g][c] *= correction;
+            memcpy(probs[g], &p, sizeof p);
+        }
+        for (int64_t j = 0; j < n; j++) {  /* values: V row read once for the group */
+            v16 vv[MAX_CHUNKS];
+            const float *vr = V + (l0 + j) * D;
+            for (int64_t c = 0; c < C; c++) {
+                __builtin_prefetch(vr + PREFETCH * D + c * 16);
+                memcpy(&vv[c], vr + c * 16, sizeof(v16));
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const float p = probs[g][j];
+                for (int64_t c = 0; c < C; c++) acc[g][c] += p * vv[c];
+            }
         }
     }
     for (int64_t g = 0; g < G; g++) {
-        float *s = scores + g * a->max_len;
-        for (int64_t l = 0; l < L; l++) {
-            s[l] = expf(s[l] - maxs[g]);
-            sums[g] += s[l];
-        }
-        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;
-    }
-    for (int64_t l = 0; l < L; l++) {
-        const float *vl = V + l * D;
-        for (int64_t g = 0; g < G; g++) {
-            const float p = scores[g * a->max_len + l] / sums[g];
-            float *o = out + g * D;
-            for (int64_t d = 0; d < D; d++) o[d] += p * vl[d];
+        const float inv = L > 0 ? 1.f / sums[g] : 0.f;
+        for (int64_t c = 0; c < C; c++) {
+            v16 o = acc[g][c] * inv;
+            memcpy(out + g * D + c * 16, &o, sizeof o);
         }
     }
+}
+
+static void attend(const Args *a, int64_t b, int64_t kvh) {
+    const int64_t G = a->num_heads / a->num_kv_heads, C = a->head_dim / 16;
+#define SHAPE(g)                                         \
+    if (G == g && C == 4) return attend_group(a, b, kvh, g, 4); \
+    if (G == g && C == 8) return attend_group(a, b, kvh, g, 8);
+    SHAPE(1) SHAPE(2) SHAPE(3) SHAPE(4) SHAPE(5) SHAPE(6) SHAPE(7) SHAPE(8)
+#undef SHAPE
+    attend_group(a, b, kvh, G, C);
 }
 
 static void *run(void *arg) {
     const Job *job = (const Job *)arg;
     const Args *a = job->args;
-    const int64_t G = a->num_heads / a->num_kv_heads;
-    float *scores = malloc(sizeof(float) * G * (a->max_len > 0 ? a->max_len : 1));
-    if (!scores) {
-        ((Args *)a)->failed = 1;
-        return NULL;
-    }
     const int64_t items = a->num_seqs * a->num_kv_heads;
-    for (int64_t i = job->thread_id; i < items; i += a->num_threads)
-        attend(a, i / a->num_kv_heads, i % a->num_kv_heads, scores);
-    free(scores);
+    /* contiguous ranges keep one sequence's heads on one core */
+    const int64_t begin = items * job->thread_id / a->num_threads;
+    const int64_t end = items * (job->thread_id + 1) / a->num_threads;
+    for (int64_t i = begin; i < end; i++) attend(a, i / a->num_kv_heads, i % a->num_kv_heads);
     return NULL;
 }
 
@@ -96,13 +225,13 @@ int decode_attention(const float *q, const float *k_cache, const float *v_cache,
                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                      int64_t cache_rows, float scale, int num_threads) {
     if (num_heads % num_kv_heads || num_heads / num_kv_heads > MAX_GROUP) return -1;
-    int64_t max_len = 0;
-    for (int64_t b = 0; b < num_seqs; b++)
-        if (lens[b] > max_len) max_len = lens[b];
+    if (head_dim % 16 || head_dim / 16 > MAX_CHUNKS) return -1;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > 64) num_threads = 64;
+    if (num_threads > num_seqs * num_kv_heads) num_threads = (int)(num_seqs * num_kv_heads);
+    if (num_threads < 1) return 0;
     Args args = {q, k_cache, v_cache, out, starts, lens, num_seqs, num_heads, num_kv_heads,
-                 head_dim, cache_rows, max_len, scale, num_threads, 0};
+                 head_dim, cache_rows, scale, num_threads};
     Job jobs[64];
     pthread_t threads[64];
     int started = 0;
@@ -119,5 +248,5 @@ int decode_attention(const float *q, const float *k_cache, const float *v_cache,
     jobs[0] = (Job){&args, 0};
     run(&jobs[0]);
     for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
-    return args.failed ? -2 : 0;
+    return 0;
 }

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("decode_attention.c")
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+MAX_GROUP = 16  # query heads per kv head, as in the C source
+MAX_CHUNKS = 16  # head_dim / 16
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -73,6 +75,13 @@ def load() -> ctypes.CDLL | None:
             except (OSError, subprocess.CalledProcessError) as e:
                 logger.warning("CPU decode-attention kernel unavailable, using SDPA: %s", e)
         return _library
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel takes this attention shape (else the engine uses SDPA)."""
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
+        return False
+    return head_dim % 16 == 0 and head_dim // 16 <= MAX_CHUNKS
 
 
 def decode_attention(
