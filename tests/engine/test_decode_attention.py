@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,14 @@ def test_kernel_refuses_what_it_does_not_support() -> None:
     assert not kernel.supports(8, 3, 64)
     assert not kernel.supports(34, 2, 64)  # 17 query heads per kv head
     assert kernel.supports(32, 8, 128)
+
+
+def test_kernel_shares_torchs_openmp_runtime() -> None:
+    """One libgomp in the process: the kernel's threads are torch's, not a second pool."""
+    if kernel.load() is None:
+        pytest.skip("no C compiler")
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps here")
+    loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(loaded) <= 1, loaded

@@ -1,7 +1,9 @@
 """The CPU decode-attention kernel: a small C file compiled once per machine, called via ctypes.
 
 Plain C (no torch headers) compiles in about a second; ctypes releases the GIL
-during the call. Without a C compiler the engine falls back to per-sequence SDPA.
+during the call. Built with -fopenmp, it runs on the OpenMP runtime torch has already
+loaded (same soname), so it shares torch's threads; a compiler without OpenMP builds it
+serial. Without a C compiler the engine falls back to per-sequence SDPA.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("decode_attention.c")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_OPENMP = "-fopenmp"
 MAX_GROUP = 16  # query heads per kv head, as in the C source
 MAX_CHUNKS = 16  # head_dim / 16
 _lock = threading.Lock()
@@ -42,21 +45,28 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def _compile(flags: list[str], target: Path) -> None:
+    compiler = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"],
+            check=True,
+            capture_output=True,
+        )
+        os.replace(built, target)  # atomic: concurrent builders never see a partial file
+
+
 def _build() -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode())
     target = _cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        compiler = os.environ.get("CC", "cc")
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run(
-                [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
-                check=True,
-                capture_output=True,
-            )
-            os.replace(built, target)  # atomic: concurrent builders never see a partial file
+        try:
+            _compile([*_FLAGS, _OPENMP], target)
+        except subprocess.CalledProcessError:
+            _compile(_FLAGS, target)
     library = ctypes.CDLL(str(target))
     fn = library.decode_attention
     fn.restype = ctypes.c_int
