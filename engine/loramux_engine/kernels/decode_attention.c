@@ -11,7 +11,7 @@
  * row is read once and used by every query head of its group, so the kernel runs at
  * the speed of reading the cache. Vectors are GCC/clang vector extensions, lowered to
  * whatever the target has (AVX-512, AVX2, NEON). Work items (sequence, kv head) are
- * spread over num_threads OpenMP threads: built with -fopenmp, the library links
+ * spread over torch's OpenMP threads (kernels/build.py): the library links
  * libgomp.so.1, which the loader resolves to the copy torch already loaded, so the
  * kernel runs on torch's own worker threads instead of competing with them while they
  * spin after a matmul (measured: twice the time with a pthread pool of our own).
@@ -25,8 +25,15 @@
 #define BLOCK 16      /* keys per online-softmax step: one vector of scores */
 #define PREFETCH 8     /* rows ahead; past a sequence's end it only warms its neighbour */
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+typedef float v16 __attribute__((vector_size(64)));
+/* Unaligned access through a may_alias type: one vector load or store, where a memcpy into
+ * a vector was lowered to two half-width stores and a full-width reload (a store-forwarding
+ * stall per load, measured at most of the time). */
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+static inline v16 load16(const float *p) { return *(const v16u *)p; }
+static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 typedef struct {
     const float *q, *k, *v;
@@ -134,7 +141,7 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
     float maxs[MAX_GROUP], sums[MAX_GROUP];
     for (int64_t g = 0; g < G; g++) {
         for (int64_t c = 0; c < C; c++) {
-            memcpy(&qv[g][c], q + g * D + c * 16, sizeof(v16));
+            qv[g][c] = load16(q + g * D + c * 16);
             qv[g][c] *= a->scale;
             acc[g][c] = splat(0.f);
         }
@@ -153,7 +160,7 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
             const float *kr = K + (l0 + j) * D;
             for (int64_t c = 0; c < C; c++) {
                 __builtin_prefetch(kr + PREFETCH * D + c * 16);
-                memcpy(&kv[c], kr + c * 16, sizeof(v16));
+                kv[c] = load16(kr + c * 16);
             }
             for (int64_t g = 0; g < G; g++) {
                 v16 t = qv[g][0] * kv[0];
@@ -171,14 +178,14 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
             sums[g] = sums[g] * correction + hsum(p);
             maxs[g] = m;
             for (int64_t c = 0; c < C; c++) acc[g][c] *= correction;
-            memcpy(probs[g], &p, sizeof p);
+            store16(probs[g], p);
         }
         for (int64_t j = 0; j < n; j++) {  /* values: V row read once for the group */
             v16 vv[MAX_CHUNKS];
             const float *vr = V + (l0 + j) * D;
             for (int64_t c = 0; c < C; c++) {
                 __builtin_prefetch(vr + PREFETCH * D + c * 16);
-                memcpy(&vv[c], vr + c * 16, sizeof(v16));
+                vv[c] = load16(vr + c * 16);
             }
             for (int64_t g = 0; g < G; g++) {
                 const float p = probs[g][j];
@@ -190,7 +197,7 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
         const float inv = L > 0 ? 1.f / sums[g] : 0.f;
         for (int64_t c = 0; c < C; c++) {
             v16 o = acc[g][c] * inv;
-            memcpy(out + g * D + c * 16, &o, sizeof o);
+            store16(out + g * D + c * 16, o);
         }
     }
 }

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loramux_engine.kernels import lora_runs
 from loramux_engine.lora.adapter import LoRAAdapter, parse_adapter
-from loramux_engine.lora.ops import Kernel, LoRABatch, LoRAStack, add_lora
+from loramux_engine.lora.ops import SGMV_MIN_TOKENS, Kernel, LoRABatch, LoRAStack, add_lora
 from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.lora.shape import PROJECTIONS
 from tests.engine.lora.adapters import MAX_RANK, TINY, MakeAdapter, read_files
 
-KERNELS: tuple[Kernel, ...] = ("sgmv", "bmm", "bgmv", "auto")
+KERNELS: tuple[Kernel, ...] = ("sgmv", "bmm", "bgmv", "runs", "auto")
 
 
 def naive(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, slot_ids: list[int]) -> None:
@@ -47,6 +48,8 @@ SLOT_PATTERNS = [
     [3, 3, 3, 3, 3, 3, 3, 3],  # one adapter
     [0, 4, 4, 1, 0, 0, 2, 2],  # slot 4 is empty: its tokens are unchanged
     [0, 0, 1, 1, 2, 2, 3, 3],  # dense: sorted, every slot with the same count (views, no pads)
+    # a long prefill run (sgmv under "auto") beside short decode runs (bmm)
+    [1, 2, 3, 1, 2, 3] + [2] * SGMV_MIN_TOKENS + [3, 0],
 ]
 
 
@@ -74,6 +77,31 @@ def test_no_adapter_tokens_are_untouched(pool: LoRASlotPool, kernel: Kernel) -> 
     before = y.clone()
     add_lora(y, x, pool.stack(0, "q_proj"), batch)
     assert torch.equal(y, before)
+
+
+def test_auto_splits_long_runs_from_short_ones() -> None:
+    long = [2] * SGMV_MIN_TOKENS
+    slot_ids = [1, 2, 3, 1, *long, 3, 2]
+    batch = LoRABatch.build(slot_ids, "cpu")  # CPU fp32: the C kernel takes the short runs
+    assert batch.kernel == "runs"
+    assert batch.sgmv_segments == ((2, 4, 4 + SGMV_MIN_TOKENS),)
+    assert batch.runs is not None and len(batch.runs) == len(batch.segments) - 1
+    other = LoRABatch.build(slot_ids, "cpu", dtype=torch.float64)  # as on an accelerator
+    assert other.kernel == "bmm" and other.sgmv_segments == batch.sgmv_segments
+    assert other.groups is not None and other.groups.index.numel() == 2 * 3  # 3 slots x 2
+    only_long = LoRABatch.build(long + [3] * SGMV_MIN_TOKENS, "cpu")
+    assert only_long.kernel == "sgmv" and len(only_long.sgmv_segments) == 2
+
+
+def test_runs_kernel_takes_the_pools_stacks(pool: LoRASlotPool) -> None:
+    """The "runs" cases above ran the C kernel itself, not its sgmv fallback."""
+    if lora_runs.load() is None:
+        pytest.skip("no C compiler")
+    for projection in PROJECTIONS:
+        stack = pool.stack(0, projection)
+        in_features, out_features = TINY.features(projection)
+        x, y = torch.randn(4, in_features), torch.zeros(4, out_features)
+        assert lora_runs.supports(x, y, stack.a, stack.b_t)
 
 
 def test_batch_segments() -> None:
