@@ -35,54 +35,71 @@ static inline float hsum(v16 x) {
     return (a + b) + (c + d);
 }
 
-/* h[t][k] = scale * dot(A row k, x[t]) for NT tokens at once: each A row is loaded once
- * for the NT tokens, and two accumulators per token keep NT * 2 FMA chains in flight. */
+/* h[t][k..k+KB) = scale * A[k..k+KB) @ x[t] for NT tokens at once: every x vector loaded
+ * serves KB rows and every A vector NT tokens, NT * KB independent FMA chains. */
+static inline __attribute__((always_inline)) void shrink_block(
+    const float *x, int64_t x_stride, const float *a, float scale, int64_t in, int64_t t0,
+    int64_t k0, const int NT, const int KB, float h[][MAX_RANK]) {
+    v16 acc[4][4] = {{{0}}};
+    for (int64_t i = 0; i < in; i += 16) {
+        v16 av[4];
+        for (int kb = 0; kb < KB; kb++) av[kb] = load16(a + (k0 + kb) * in + i);
+        for (int t = 0; t < NT; t++) {
+            const v16 xv = load16(x + (t0 + t) * x_stride + i);
+            for (int kb = 0; kb < KB; kb++) acc[t][kb] += av[kb] * xv;
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int kb = 0; kb < KB; kb++) h[t0 + t][k0 + kb] = scale * hsum(acc[t][kb]);
+}
+
+/* Rows past the adapter's rank up to max_rank exist (the pool pads every slot), so the
+ * shrink may compute whole blocks of four; the expand reads only the first `rank`. */
 static inline __attribute__((always_inline)) void shrink_tokens(
-    const float *x, int64_t x_stride, const float *a, float scale, int64_t rank, int64_t in,
+    const float *x, int64_t x_stride, const float *a, float scale, int64_t rank,
+    int64_t max_rank, int64_t in, int64_t t0, const int NT, float h[][MAX_RANK]) {
+    int64_t k = 0;
+    for (; k < rank && k + 4 <= max_rank; k += 4)
+        shrink_block(x, x_stride, a, scale, in, t0, k, NT, 4, h);
+    for (; k < rank; k++) shrink_block(x, x_stride, a, scale, in, t0, k, NT, 1, h);
+}
+
+/* y[row + t] += h[t0 + t, :rank] @ B[:rank] for NT tokens: each B vector serves NT rows. */
+static inline __attribute__((always_inline)) void expand_tokens(
+    float *y, int64_t y_stride, const float *b_t, int64_t rank, int64_t out, int64_t row,
     int64_t t0, const int NT, float h[][MAX_RANK]) {
-    for (int64_t k = 0; k < rank; k++) {
-        const float *ak = a + k * in;
-        v16 even[4] = {{0}}, odd[4] = {{0}};
-        int64_t i = 0;
-        for (; i + 32 <= in; i += 32) {
-            const v16 a0 = load16(ak + i), a1 = load16(ak + i + 16);
-            __builtin_prefetch(ak + 2 * in + i);  /* two rows ahead: the weights stream */
-            __builtin_prefetch(ak + 2 * in + i + 16);
-            for (int t = 0; t < NT; t++) {
-                const float *xt = x + (t0 + t) * x_stride + i;
-                even[t] += a0 * load16(xt);
-                odd[t] += a1 * load16(xt + 16);
-            }
+    for (int64_t o = 0; o < out; o += 16) {
+        v16 acc[4];
+        for (int t = 0; t < NT; t++) acc[t] = load16(y + (row + t) * y_stride + o);
+        for (int64_t k = 0; k < rank; k++) {
+            const v16 bv = load16(b_t + k * out + o);
+            for (int t = 0; t < NT; t++) acc[t] += h[t0 + t][k] * bv;
         }
-        if (i < in) {
-            const v16 a0 = load16(ak + i);
-            for (int t = 0; t < NT; t++) even[t] += a0 * load16(x + (t0 + t) * x_stride + i);
-        }
-        for (int t = 0; t < NT; t++) h[t0 + t][k] = scale * hsum(even[t] + odd[t]);
+        for (int t = 0; t < NT; t++) store16(y + (row + t) * y_stride + o, acc[t]);
     }
 }
 
 static void run_one(const float *x, int64_t x_stride, float *y, int64_t y_stride,
-                    const float *a, const float *b_t, float scale, int64_t rank, int64_t in,
-                    int64_t out, int64_t start, int64_t n) {
+                    const float *a, const float *b_t, float scale, int64_t rank,
+                    int64_t max_rank, int64_t in, int64_t out, int64_t start, int64_t n) {
     float h[MAX_RUN_TOKENS][MAX_RANK];
     const float *xs = x + start * x_stride;
     for (int64_t k = 0; k < rank; k++)  /* B arrives while the shrink runs */
         for (int64_t o = 0; o < out; o += 16) __builtin_prefetch(b_t + k * out + o);
     for (int64_t t0 = 0; t0 < n; t0 += 4) {  /* shrink, four tokens per pass over A */
         switch (n - t0 < 4 ? n - t0 : 4) {
-        case 1: shrink_tokens(xs, x_stride, a, scale, rank, in, t0, 1, h); break;
-        case 2: shrink_tokens(xs, x_stride, a, scale, rank, in, t0, 2, h); break;
-        case 3: shrink_tokens(xs, x_stride, a, scale, rank, in, t0, 3, h); break;
-        default: shrink_tokens(xs, x_stride, a, scale, rank, in, t0, 4, h); break;
+        case 1: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 1, h); break;
+        case 2: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 2, h); break;
+        case 3: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 3, h); break;
+        default: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 4, h); break;
         }
     }
-    for (int64_t t = 0; t < n; t++) {  /* expand: B rows stay in cache across the tokens */
-        float *yt = y + (start + t) * y_stride;
-        for (int64_t o = 0; o < out; o += 16) {
-            v16 acc = load16(yt + o);
-            for (int64_t k = 0; k < rank; k++) acc += h[t][k] * load16(b_t + k * out + o);
-            store16(yt + o, acc);
+    for (int64_t t0 = 0; t0 < n; t0 += 4) {  /* expand, four tokens per pass over B */
+        switch (n - t0 < 4 ? n - t0 : 4) {
+        case 1: expand_tokens(y, y_stride, b_t, rank, out, start + t0, t0, 1, h); break;
+        case 2: expand_tokens(y, y_stride, b_t, rank, out, start + t0, t0, 2, h); break;
+        case 3: expand_tokens(y, y_stride, b_t, rank, out, start + t0, t0, 3, h); break;
+        default: expand_tokens(y, y_stride, b_t, rank, out, start + t0, t0, 4, h); break;
         }
     }
 }
@@ -99,7 +116,7 @@ int lora_runs(const float *x, int64_t x_stride, float *y, int64_t y_stride, cons
         const int64_t rank = ranks[slot];
         if (rank == 0) continue;
         run_one(x, x_stride, y, y_stride, a + slot * max_rank * in, b_t + slot * max_rank * out,
-                scale[slot], rank, in, out, start, n);
+                scale[slot], rank, max_rank, in, out, start, n);
     }
     return 0;
 }

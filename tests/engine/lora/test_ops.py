@@ -82,15 +82,20 @@ def test_no_adapter_tokens_are_untouched(pool: LoRASlotPool, kernel: Kernel) -> 
 def test_auto_splits_long_runs_from_short_ones() -> None:
     long = [2] * SGMV_MIN_TOKENS
     slot_ids = [1, 2, 3, 1, *long, 3, 2]
-    batch = LoRABatch.build(slot_ids, "cpu")  # CPU fp32: the C kernel takes the short runs
-    assert batch.kernel == "runs"
-    assert batch.sgmv_segments == ((2, 4, 4 + SGMV_MIN_TOKENS),)
-    assert batch.runs is not None and len(batch.runs) == len(batch.segments) - 1
+    batch = LoRABatch.build(slot_ids, "cpu")  # CPU fp32: the C kernel takes every run
+    assert batch.kernel == "runs" and batch.sgmv_segments == ()
+    assert batch.runs is not None and len(batch.runs) == len(batch.segments)
     other = LoRABatch.build(slot_ids, "cpu", dtype=torch.float64)  # as on an accelerator
-    assert other.kernel == "bmm" and other.sgmv_segments == batch.sgmv_segments
+    assert other.kernel == "bmm" and other.sgmv_segments == ((2, 4, 4 + SGMV_MIN_TOKENS),)
     assert other.groups is not None and other.groups.index.numel() == 2 * 3  # 3 slots x 2
-    only_long = LoRABatch.build(long + [3] * SGMV_MIN_TOKENS, "cpu")
+    only_long = LoRABatch.build(long + [3] * SGMV_MIN_TOKENS, "cpu", dtype=torch.float64)
     assert only_long.kernel == "sgmv" and len(only_long.sgmv_segments) == 2
+
+
+def test_runs_cut_long_runs_into_kernel_pieces() -> None:
+    batch = LoRABatch.build([1] * 150 + [2] * 3, "cpu", "runs")
+    assert batch.runs is not None
+    assert batch.runs.tolist() == [[1, 0, 64], [1, 64, 128], [1, 128, 150], [2, 150, 153]]
 
 
 def test_runs_kernel_takes_the_pools_stacks(pool: LoRASlotPool) -> None:
