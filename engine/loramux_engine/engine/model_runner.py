@@ -50,6 +50,7 @@ class ModelRunner:
             and decode_attention.supports(args.num_heads, args.num_kv_heads, args.head_dim)
         ):
             kernel = decode_attention.load()
+        self.cpu_kernel = kernel is not None
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
@@ -72,8 +73,8 @@ class ModelRunner:
         segments: list[AttentionSegment] = []
         slot_ids: list[int] = []
         sample_rows: list[int] = []
-        decode_starts: list[int] = []
-        decode_lens: list[int] = []
+        token_kv_starts: list[int] = []
+        token_kv_lens: list[int] = []
         for seq in seqs:
             start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
             end = start + n
@@ -85,16 +86,15 @@ class ModelRunner:
             segments.append(AttentionSegment(offset, offset + n, seq.kv_start, seq.kv_start + end))
             if end == len(seq):
                 sample_rows.append(offset + n - 1)
-            if n == 1 and len(decode_lens) == len(segments) - 1:
-                decode_starts.append(seq.kv_start)
-                decode_lens.append(end)
+            if self.cpu_kernel:  # each token attends to its own prefix of the sequence
+                token_kv_starts.extend([seq.kv_start] * n)
+                token_kv_lens.extend(range(start + 1, end + 1))
         set_context(
             Context(
                 cache_positions=self._tensor(cache_positions),
                 segments=segments,
-                num_decode=len(decode_lens),
-                decode_kv_starts=torch.tensor(decode_starts, dtype=torch.long),
-                decode_kv_lens=torch.tensor(decode_lens, dtype=torch.long),
+                token_kv_starts=torch.tensor(token_kv_starts, dtype=torch.long),
+                token_kv_lens=torch.tensor(token_kv_lens, dtype=torch.long),
                 lora_batch=(
                     LoRABatch.build(slot_ids, self.device, dtype=self.dtype)
                     if any(slot_ids)

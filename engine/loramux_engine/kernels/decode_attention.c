@@ -1,9 +1,10 @@
-/* Decode attention for CPU: one query token per sequence against its contiguous
- * run of KV cache rows, fp32, grouped-query heads sharing each key/value row.
+/* Attention for CPU: each query token against its own contiguous run of KV cache rows,
+ * fp32, grouped-query heads sharing each key/value row. A decode token's run is its
+ * sequence so far; a prompt token's is the prompt up to and including itself (causal).
  *
- * Semantics: for each sequence b and head h (kv head h / group),
+ * Semantics: for each query b and head h (kv head h / group),
  *   out[b, h] = softmax(scale * K[start_b : start_b + len_b] @ q[b, h]) @ V[...]
- * Shape: q, out: [num_seqs, num_heads, head_dim];
+ * Shape: q, out: [num_queries (num_seqs), num_heads, head_dim];
  *        k_cache, v_cache: [num_kv_heads, cache_rows, head_dim] (row-major, contiguous);
  *        starts, lens: [num_seqs] (int64); head_dim a multiple of 16, at most 256.
  *
@@ -221,9 +222,8 @@ int decode_attention(const float *q, const float *k_cache, const float *v_cache,
     const Args args = {q, k_cache, v_cache, out, starts, lens, num_seqs, num_heads,
                        num_kv_heads, head_dim, cache_rows, scale};
     const int64_t items = num_seqs * num_kv_heads;
-    (void)num_threads;
-    /* contiguous ranges keep one sequence's heads on one core */
-#pragma omp parallel for schedule(static) num_threads(num_threads > 0 ? num_threads : 1)
+    /* small dynamic chunks: a prompt's later tokens attend to more keys than its first */
+#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads > 0 ? num_threads : 1)
     for (int64_t i = 0; i < items; i++) attend(&args, i / num_kv_heads, i % num_kv_heads);
     return 0;
 }

@@ -24,10 +24,10 @@ class AttentionSegment:
 class Context:
     cache_positions: torch.Tensor  # [num_tokens] cache row each new key/value goes to
     segments: list[AttentionSegment]
-    # The batch opens with its decode tokens (one per sequence): segments[:num_decode]
-    num_decode: int
-    decode_kv_starts: torch.Tensor  # [num_decode] int64, for the CPU decode kernel
-    decode_kv_lens: torch.Tensor  # [num_decode] int64
+    # For the CPU attention kernel (empty without it): the cache rows each token attends
+    # to, [start, start + len), its sequence's keys up to and including its own.
+    token_kv_starts: torch.Tensor  # [num_tokens] int64
+    token_kv_lens: torch.Tensor  # [num_tokens] int64
     # Each token's adapter slot; None when no token of this step uses an adapter.
     lora_batch: LoRABatch | None = None
 
