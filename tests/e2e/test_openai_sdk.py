@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.e2e.conftest import LiveServer
+from tests.engine.peft_reference import load_base, save_random_adapter
+from tests.platform.adapters.helpers import bearer, upload
 
 
 def sdk(server: LiveServer, key: str) -> openai.OpenAI:
@@ -70,3 +73,59 @@ def test_raw_http_wrong_key_is_401_in_openai_shape(live_server: LiveServer) -> N
     )
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_sdk_against_an_uploaded_adapter(live_server: LiveServer, tmp_path: Path) -> None:
+    """Upload over HTTP, validation by the server's own worker, then the SDK on the adapter."""
+    _, key = live_server.make_tenant("adapter-owner")
+    _, other_key = live_server.make_tenant("adapter-stranger")
+    model_dir = Path(live_server.env["LORAMUX_MODEL"])
+    adapter_dir, _ = save_random_adapter(
+        load_base(model_dir), tmp_path / "bot", seed=5, std=0.3, r=8, target_modules="all-linear"
+    )
+    with httpx.Client(base_url=live_server.base_url, timeout=30) as http:
+        created = upload(http, key, "bot", adapter_dir)
+        assert created.status_code in (200, 201), created.text
+        deadline = time.monotonic() + 120
+        while (status := http.get("/v1/adapters/bot", headers=bearer(key)).json())[
+            "status"
+        ] == "validating":
+            assert time.monotonic() < deadline, "validation never finished"
+            time.sleep(0.5)
+    assert status["status"] == "ready", status
+
+    client = sdk(live_server, key)
+    models = {m.id: m for m in client.models.list().data}
+    base = next(m.id for m in models.values() if m.id != "bot")
+    assert models["bot"].parent == base  # type: ignore[attr-defined]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = client.chat.completions.create(
+        model="bot",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    streamed = client.chat.completions.create(
+        model="bot@1",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == (
+        chat.choices[0].message.content
+    )
+    plain = client.completions.create(model="bot", prompt="Once", max_tokens=10, temperature=0)
+    pieces = client.completions.create(
+        model="bot", prompt="Once", max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+    base_text = (
+        client.completions.create(model=base, prompt="Once", max_tokens=10, temperature=0)
+        .choices[0]
+        .text
+    )
+    assert plain.choices[0].text != base_text  # the adapter really changed the output
+
+    with pytest.raises(openai.NotFoundError):  # another tenant's adapter: as if it did not exist
+        sdk(live_server, other_key).completions.create(model="bot", prompt="x", max_tokens=1)
