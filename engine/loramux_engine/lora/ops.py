@@ -41,7 +41,7 @@ sgmv adds 19% to the base matmuls and bmm 31%.
 On a CPU in fp32, "auto" (the default) uses the runs kernel for every run: against sgmv
 it adds 18% instead of 22% to that prefill step, and over the SmolLM2 `bench lora`
 workload (64 requests on 16 rank-16 adapters) the engine's LoRA time went from 3.1 s
-(bmm) to about 1.3 s in prefill and from 2.4 s to under 2 s in decode. Elsewhere "auto"
+(bmm) to 0.9 s in prefill and from 2.4 s to 1.9 s in decode. Elsewhere "auto"
 sends every run of at least SGMV_MIN_TOKENS tokens to sgmv, where its matmuls are big
 enough, and the short runs to bmm when there are at least BMM_MIN_SEGMENTS of them and
 padding at most doubles their rows, else to sgmv.
