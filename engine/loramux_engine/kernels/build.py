@@ -55,7 +55,8 @@ def _compile(source: Path, flags: list[str], target: Path) -> None:
 
 def _build(name: str) -> ctypes.CDLL:
     source = Path(__file__).with_name(f"{name}.c")
-    text = source.read_bytes()
+    headers = sorted(source.parent.glob("*.h"))  # what the sources #include
+    text = b"".join(path.read_bytes() for path in [source, *headers])
     key = hashlib.sha256(text + " ".join(_FLAGS).encode() + _cpu_signature().encode())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():

@@ -10,31 +10,20 @@
  *
  * One pass over the keys with an online softmax (flash-decoding): each key and value
  * row is read once and used by every query head of its group, so the kernel runs at
- * the speed of reading the cache. Vectors are GCC/clang vector extensions, lowered to
- * whatever the target has (AVX-512, AVX2, NEON). Work items (sequence, kv head) are
+ * the speed of reading the cache. Work items (query, kv head) are
  * spread over torch's OpenMP threads (kernels/build.py): the library links
  * libgomp.so.1, which the loader resolves to the copy torch already loaded, so the
  * kernel runs on torch's own worker threads instead of competing with them while they
  * spin after a matmul (measured: twice the time with a pthread pool of our own).
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "vec16.h"
 
 #define MAX_GROUP 16
 #define MAX_CHUNKS 16 /* head_dim / 16 */
 #define BLOCK 16      /* keys per online-softmax step: one vector of scores */
-#define PREFETCH 8     /* rows ahead; past a sequence's end it only warms its neighbour */
-
-typedef float v16 __attribute__((vector_size(64)));
-/* Unaligned access through a may_alias type: one vector load or store, where a memcpy into
- * a vector was lowered to two half-width stores and a full-width reload (a store-forwarding
- * stall per load, measured at most of the time). */
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-
-static inline v16 load16(const float *p) { return *(const v16u *)p; }
-static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
-typedef int32_t v16i __attribute__((vector_size(64)));
+#define PREFETCH 8    /* rows ahead; past a sequence's end it only warms its neighbour */
 
 typedef struct {
     const float *q, *k, *v;
@@ -43,8 +32,6 @@ typedef struct {
     int64_t num_seqs, num_heads, num_kv_heads, head_dim, cache_rows;
     float scale;
 } Args;
-
-static inline v16 splat(float x) { return (v16){0} + x; }
 
 /* mask ? a : b per lane; mask lanes are all ones or all zeros (a vector comparison) */
 static inline v16 select(v16i mask, v16 a, v16 b) {
@@ -55,13 +42,6 @@ static inline v16 select(v16i mask, v16 a, v16 b) {
     v16 out;
     memcpy(&out, &r, sizeof out);
     return out;
-}
-
-static inline float hsum(v16 x) {
-    float lanes[16], total = 0.f;
-    memcpy(lanes, &x, sizeof lanes);
-    for (int i = 0; i < 16; i++) total += lanes[i];
-    return total;
 }
 
 #if defined(__clang__)
@@ -127,6 +107,14 @@ static inline v16 vexp(v16 x) {
     return select(tiny, splat(0.f), y);
 }
 
+/* One cache row into C vectors, prefetching the row PREFETCH ahead. */
+static inline void load_row(v16 *dst, const float *row, int64_t D, int64_t C) {
+    for (int64_t c = 0; c < C; c++) {
+        __builtin_prefetch(row + PREFETCH * D + c * 16);
+        dst[c] = load16(row + c * 16);
+    }
+}
+
 /* G query heads per kv head, C vectors per head; inlined with constant G and C for the
  * common shapes so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void attend_group(const Args *a, int64_t b,
@@ -158,11 +146,7 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
                 continue;
             }
             v16 kv[MAX_CHUNKS];
-            const float *kr = K + (l0 + j) * D;
-            for (int64_t c = 0; c < C; c++) {
-                __builtin_prefetch(kr + PREFETCH * D + c * 16);
-                kv[c] = load16(kr + c * 16);
-            }
+            load_row(kv, K + (l0 + j) * D, D, C);
             for (int64_t g = 0; g < G; g++) {
                 v16 t = qv[g][0] * kv[0];
                 for (int64_t c = 1; c < C; c++) t += qv[g][c] * kv[c];
@@ -183,11 +167,7 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
         }
         for (int64_t j = 0; j < n; j++) {  /* values: V row read once for the group */
             v16 vv[MAX_CHUNKS];
-            const float *vr = V + (l0 + j) * D;
-            for (int64_t c = 0; c < C; c++) {
-                __builtin_prefetch(vr + PREFETCH * D + c * 16);
-                vv[c] = load16(vr + c * 16);
-            }
+            load_row(vv, V + (l0 + j) * D, D, C);
             for (int64_t g = 0; g < G; g++) {
                 const float p = probs[g][j];
                 for (int64_t c = 0; c < C; c++) acc[g][c] += p * vv[c];

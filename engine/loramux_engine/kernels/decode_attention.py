@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (decode_attention.c), called via ctypes.
+"""The CPU attention kernel (decode_attention.c: decode and prompt tokens), via ctypes.
 
 ctypes releases the GIL during the call. Without a C compiler the engine falls back to
 per-sequence SDPA.

@@ -1,4 +1,4 @@
-/* Multi-LoRA for short runs of tokens (decode), fp32, on the CPU.
+/* Multi-LoRA for runs of tokens on one slot, fp32, on the CPU.
  *
  * Semantics: for each run (slot, start, end) and token t in [start, end),
  *   h = scale[slot] * A[slot, :rank[slot]] @ x[t]
@@ -6,34 +6,17 @@
  * Shape: x: [num_tokens, in] (row stride x_stride); y: [num_tokens, out] (row stride
  *        y_stride); a: [num_slots, max_rank, in]; b_t: [num_slots, max_rank, out], both
  *        contiguous; scale: [num_slots]; ranks: [num_slots] int64; runs: [num_runs, 3]
- *        int64; in and out multiples of 16; at most MAX_RUN_TOKENS tokens per run.
+ *        int64; in and out multiples of 16; at most MAX_RUN_TOKENS tokens per run (the
+ *        caller cuts longer runs into pieces).
  *
- * Each run reads its slot's A and B rows once for all its tokens, which is what a
- * decode step costs: the adapters' weights streamed from memory, one pass. Runs are
- * spread over torch's OpenMP threads (see decode_attention.c).
+ * Each run reads its slot's A and B rows once for all its tokens: in a decode step, the
+ * adapters' weights streamed from memory in one pass. Runs are spread over torch's
+ * OpenMP threads (see decode_attention.c).
  */
-#include <stdint.h>
-#include <string.h>
+#include "vec16.h"
 
 #define MAX_RUN_TOKENS 64
 #define MAX_RANK 256
-
-typedef float v16 __attribute__((vector_size(64)));
-/* Unaligned access through a may_alias type: one vector load or store, where a memcpy into
- * a vector was lowered to two half-width stores and a full-width reload (a store-forwarding
- * stall per load, measured at most of the time). */
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-
-static inline v16 load16(const float *p) { return *(const v16u *)p; }
-static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
-
-static inline float hsum(v16 x) {
-    float lanes[16];
-    memcpy(lanes, &x, sizeof lanes);
-    float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-    for (int i = 0; i < 16; i += 4) a += lanes[i], b += lanes[i + 1], c += lanes[i + 2], d += lanes[i + 3];
-    return (a + b) + (c + d);
-}
 
 /* h[t][k..k+KB) = scale * A[k..k+KB) @ x[t] for NT tokens at once: every x vector loaded
  * serves KB rows and every A vector NT tokens, NT * KB independent FMA chains. */

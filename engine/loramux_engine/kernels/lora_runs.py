@@ -1,4 +1,4 @@
-"""The CPU multi-LoRA kernel for short runs of tokens (lora_runs.c), called via ctypes."""
+"""The CPU multi-LoRA kernel over runs of tokens on one slot (lora_runs.c), via ctypes."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ class LoRABatch:
     kernel: Kernel  # never "auto": build resolves it
     groups: SlotGroups | None = None  # the bmm kernel's layout
     # Runs that sgmv handles whatever `kernel` is: all of them for "sgmv", the long ones
-    # when "auto" chose another kernel for the short ones.
+    # when "auto" chose bmm for the short ones.
     sgmv_segments: tuple[tuple[int, int, int], ...] = ()
     runs: torch.Tensor | None = None  # [num_runs, 3] (slot, start, end) for "runs", on CPU
 
@@ -179,8 +179,7 @@ class LoRABatch:
         if kernel == "auto":
             kernel, sgmv_segments = _choose(segments, device, dtype)
         if kernel == "runs":
-            short = [seg for seg in segments if seg not in sgmv_segments]
-            runs = _runs_tensor(short)
+            runs = _runs_tensor(segments)
         if kernel == "bmm" and segments:
             bmm_ids = list(slot_ids)
             for _, start, end in sgmv_segments:
