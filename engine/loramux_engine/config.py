@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     num_threads: int | None = None  # CPU intra-op threads; None keeps torch's default
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
+    cpu_onednn_matmul: bool = True  # projections through oneDNN on CPU in fp32 (layers/linear.py)
     # Multi-LoRA: an AdapterSource (lora/source.py) turns it on; without one, a request
     # naming an adapter is refused.
     adapter_source: object | None = None

@@ -72,6 +72,7 @@ class LLMEngine:
             self.dtype,
             self.device,
             config.cpu_decode_kernel,
+            config.cpu_onednn_matmul,
         )
         self.adapters = build_adapter_cache(config, self.dtype, self.device)
         if self.adapters is not None:

@@ -6,7 +6,7 @@ import torch
 
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.kernels import decode_attention
-from loramux_engine.layers.linear import Linear
+from loramux_engine.layers.linear import Linear, onednn_available
 from loramux_engine.layers.sampler import SampledToken, sample
 from loramux_engine.lora.ops import LoRABatch
 from loramux_engine.lora.pool import LoRASlotPool
@@ -26,12 +26,19 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         cpu_decode_kernel: bool = True,
+        cpu_onednn_matmul: bool = True,
     ) -> None:
         self.device = device
         self.dtype = dtype
         if device.type == "cpu":
             keep_large_blocks()
         self.model = load_model(model_dir, args, max_model_len, dtype, device)
+        cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+        self.onednn_matmul = cpu_onednn_matmul and cpu_fp32 and onednn_available()
+        if self.onednn_matmul:
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.pack_for_onednn()
         # kv_cache: [num_layers, 2, kv_heads, num_cache_rows, head_dim], allocated once
         self.kv_cache = torch.zeros(
             args.num_layers,
@@ -45,8 +52,7 @@ class ModelRunner:
         kernel = None
         if (
             cpu_decode_kernel
-            and device.type == "cpu"
-            and dtype == torch.float32
+            and cpu_fp32
             and decode_attention.supports(args.num_heads, args.num_kv_heads, args.head_dim)
         ):
             kernel = decode_attention.load()

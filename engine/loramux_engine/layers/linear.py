@@ -1,7 +1,14 @@
-"""The projection layer every q/k/v/o/gate/up/down weight goes through.
+"""The projection layer every q/k/v/o/gate/up/down weight (and the LM head) goes through.
 
 Multi-LoRA attaches here: the runner points ``lora_stack`` at this projection's stack in
 the slot pool, and each step's ``get_context().lora_batch`` says which slot each token uses.
+
+On a CPU in fp32 the runner can hand the weight to oneDNN (``pack_for_onednn``): the weight
+is reordered once into oneDNN's blocked layout and every step's matmul runs through
+oneDNN's JIT kernels instead of torch's default BLAS (MKL). MKL only takes its fast code
+paths on Intel CPUs; on an AMD EPYC (Zen 5) oneDNN measured 2.0 to 2.8 times MKL's speed
+on SmolLM2-135M's projection shapes from 16 to 2,048 tokens, and on par at 1 token. Both
+compute in fp32; the sums are ordered differently, so results differ in the last bits.
 """
 
 from __future__ import annotations
@@ -14,19 +21,41 @@ from loramux_engine.lora.ops import LoRAStack, add_lora
 from loramux_engine.utils.context import get_context
 
 
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, projection: str) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.projection = projection  # "q_proj", "k_proj", ..., "down_proj"
+        self.projection = projection  # "q_proj", "k_proj", ..., "down_proj", "lm_head"
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.lora_stack: LoRAStack | None = None
+        # oneDNN's opaque copy of the weight, set by pack_for_onednn
+        self.onednn_weight: torch.Tensor | None = None
+
+    def pack_for_onednn(self) -> None:
+        """Reorder the weight for oneDNN (CPU, fp32) and drop the plain copy.
+
+        A weight shared with another module (a tied LM head) keeps its plain copy there.
+        """
+        self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> x @ W.T + b: [num_tokens, out_features]
+        if self.onednn_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.onednn_weight, self.bias, "none", [], ""
+            )
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x)
         if self.lora_stack is not None:
             batch = get_context().lora_batch
             if batch is not None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loramux.bench.common import SystemResult, Workload, format_table, write_report
 
@@ -82,8 +81,9 @@ def run_engine(
     return result, engine, steps, [first_step[str(i)] for i in range(len(prompts))]
 
 
-def _time_matmuls(linears: list[Any], lm_head: Any, num_tokens: int, num_sampled: int) -> float:
-    device = lm_head.weight.device
+def _time_matmuls(
+    linears: list[Any], lm_head: Any, device: torch.device, num_tokens: int, num_sampled: int
+) -> float:
     inputs = {m.in_features: torch.randn(num_tokens, m.in_features, device=device) for m in linears}
     head_in = torch.randn(num_sampled, lm_head.in_features, device=device)
     best = float("inf")
@@ -91,9 +91,9 @@ def _time_matmuls(linears: list[Any], lm_head: Any, num_tokens: int, num_sampled
         sync(device)
         start = time.perf_counter()
         for m in linears:
-            F.linear(inputs[m.in_features], m.weight, m.bias)
+            m.matmul(inputs[m.in_features])
         if num_sampled:
-            F.linear(head_in, lm_head.weight)
+            lm_head.matmul(head_in)
         sync(device)
         best = min(best, time.perf_counter() - start)
     return best
@@ -111,12 +111,12 @@ def run_matmul_bound(
     cumulative, total = [], 0.0
     for shape in steps:
         if shape not in seconds:
-            seconds[shape] = _time_matmuls(linears, model.lm_head, *shape)
+            seconds[shape] = _time_matmuls(linears, model.lm_head, engine.device, *shape)
         total += seconds[shape]
         cumulative.append(total)
     decode_batch = max(sampled for _, sampled in steps)
     decode_s = seconds.get((decode_batch, decode_batch)) or _time_matmuls(
-        linears, model.lm_head, decode_batch, decode_batch
+        linears, model.lm_head, engine.device, decode_batch, decode_batch
     )
     return SystemResult.from_run(
         num_tokens,
