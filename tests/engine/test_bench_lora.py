@@ -21,7 +21,17 @@ def test_quick_bench_writes_contract_json(tiny_llama_dir: Path, tmp_path: Path) 
             assert system[key] > 0
     assert set(report["ratios"]) == {"lora_vs_base", "lora_vs_peft", "thrash_vs_resident"}
     assert all(value > 0 for value in report["ratios"].values())
-    assert report["cold_adapter_load"]["num_samples"] > 0
+    cold = report["cold_adapter_load"]
+    assert cold["num_samples"] > 0
+    # the headline cold load really came from the disk tier, not from the source
+    assert cold["tier"] == "disk"
+    assert (cold["disk_hits"], cold["disk_misses"]) == (cold["num_samples"], 0)
+    assert all(
+        isinstance(cold[k], float) for k in ("extra_ttft_p50_s", "from_source_extra_ttft_p50_s")
+    )
+    for name in ("engine_base", "engine_lora"):
+        runs = report["systems"][name]["runs_tokens_per_s"]
+        assert report["systems"][name]["tokens_per_s"] in runs
     assert (
         "adapter_cache_device_evictions" in report["systems"]["engine_lora_thrash"]["adapter_cache"]
     )

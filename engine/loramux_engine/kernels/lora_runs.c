@@ -19,13 +19,18 @@
 #define MAX_RANK 256
 
 /* h[t][k..k+KB) = scale * A[k..k+KB) @ x[t] for NT tokens at once: every x vector loaded
- * serves KB rows and every A vector NT tokens, NT * KB independent FMA chains. */
+ * serves KB rows and every A vector NT tokens, NT * KB independent FMA chains. The KB * in
+ * floats from `next` (what the run reads after this block) are prefetched on the way: a
+ * decode run reads its weights once, from DRAM, in blocks too short for the hardware
+ * prefetcher to ramp up. Measured on the bench lora workload (AMD EPYC, 2 threads): the
+ * LoRA op's time went from 2.2 to 1.85 s, a 16-adapter decode step's from 17 to 13.5 ms. */
 static inline __attribute__((always_inline)) void shrink_block(
-    const float *x, int64_t x_stride, const float *a, float scale, int64_t in, int64_t t0,
-    int64_t k0, const int NT, const int KB, float h[][MAX_RANK]) {
+    const float *x, int64_t x_stride, const float *a, const float *next, float scale,
+    int64_t in, int64_t t0, int64_t k0, const int NT, const int KB, float h[][MAX_RANK]) {
     v16 acc[4][4] = {{{0}}};
     for (int64_t i = 0; i < in; i += 16) {
         v16 av[4];
+        for (int kb = 0; kb < KB; kb++) __builtin_prefetch(next + kb * in + i);
         for (int kb = 0; kb < KB; kb++) av[kb] = load16(a + (k0 + kb) * in + i);
         for (int t = 0; t < NT; t++) {
             const v16 xv = load16(x + (t0 + t) * x_stride + i);
@@ -39,12 +44,15 @@ static inline __attribute__((always_inline)) void shrink_block(
 /* Rows past the adapter's rank up to max_rank exist (the pool pads every slot), so the
  * shrink may compute whole blocks of four; the expand reads only the first `rank`. */
 static inline __attribute__((always_inline)) void shrink_tokens(
-    const float *x, int64_t x_stride, const float *a, float scale, int64_t rank,
-    int64_t max_rank, int64_t in, int64_t t0, const int NT, float h[][MAX_RANK]) {
+    const float *x, int64_t x_stride, const float *a, const float *b_t, float scale,
+    int64_t rank, int64_t max_rank, int64_t in, int64_t t0, const int NT,
+    float h[][MAX_RANK]) {
     int64_t k = 0;
-    for (; k < rank && k + 4 <= max_rank; k += 4)
-        shrink_block(x, x_stride, a, scale, in, t0, k, NT, 4, h);
-    for (; k < rank; k++) shrink_block(x, x_stride, a, scale, in, t0, k, NT, 1, h);
+    for (; k < rank && k + 4 <= max_rank; k += 4) {
+        const float *next = k + 4 < rank ? a + (k + 4) * in : b_t;
+        shrink_block(x, x_stride, a, next, scale, in, t0, k, NT, 4, h);
+    }
+    for (; k < rank; k++) shrink_block(x, x_stride, a, b_t, scale, in, t0, k, NT, 1, h);
 }
 
 /* y[row + t] += h[t0 + t, :rank] @ B[:rank] for NT tokens: each B vector serves NT rows. */
@@ -55,6 +63,7 @@ static inline __attribute__((always_inline)) void expand_tokens(
         v16 acc[4];
         for (int t = 0; t < NT; t++) acc[t] = load16(y + (row + t) * y_stride + o);
         for (int64_t k = 0; k < rank; k++) {
+            __builtin_prefetch(b_t + k * out + o + 64);
             const v16 bv = load16(b_t + k * out + o);
             for (int t = 0; t < NT; t++) acc[t] += h[t0 + t][k] * bv;
         }
@@ -71,10 +80,10 @@ static void run_one(const float *x, int64_t x_stride, float *y, int64_t y_stride
         for (int64_t o = 0; o < out; o += 16) __builtin_prefetch(b_t + k * out + o);
     for (int64_t t0 = 0; t0 < n; t0 += 4) {  /* shrink, four tokens per pass over A */
         switch (n - t0 < 4 ? n - t0 : 4) {
-        case 1: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 1, h); break;
-        case 2: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 2, h); break;
-        case 3: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 3, h); break;
-        default: shrink_tokens(xs, x_stride, a, scale, rank, max_rank, in, t0, 4, h); break;
+        case 1: shrink_tokens(xs, x_stride, a, b_t, scale, rank, max_rank, in, t0, 1, h); break;
+        case 2: shrink_tokens(xs, x_stride, a, b_t, scale, rank, max_rank, in, t0, 2, h); break;
+        case 3: shrink_tokens(xs, x_stride, a, b_t, scale, rank, max_rank, in, t0, 3, h); break;
+        default: shrink_tokens(xs, x_stride, a, b_t, scale, rank, max_rank, in, t0, 4, h); break;
         }
     }
     for (int64_t t0 = 0; t0 < n; t0 += 4) {  /* expand, four tokens per pass over B */

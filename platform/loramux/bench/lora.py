@@ -8,8 +8,14 @@ on local disk:
 - peft: PEFT ``generate`` with ``adapter_names=`` in batches of 16;
 - engine_lora_thrash: 64 adapters drawn with Zipf popularity over 8 device slots (the
   8 most popular warmed), against engine_lora as the all-resident case;
-- cold load: on an idle engine, the extra time to first token of an adapter never seen
-  (fetched from local disk, verified, parsed, written to a slot) over a resident one.
+- cold load: on an idle engine, the extra time to first token of an adapter that is in
+  no memory tier over a resident one: read from the local disk tier, parsed and written
+  to a slot (the headline figure); and of one never seen, fetched from the source
+  (here a local directory), sha256-verified and committed to the disk tier first.
+
+engine_base and engine_lora are measured alternately, REPEATS runs each, and each reports
+its median run (every run's tokens/s is in the JSON): their ratio is the one a noisy,
+shared machine moves most, as both runs take seconds.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ NUM_THRASH_SLOTS = 8
 ZIPF_EXPONENT = 1.0
 NUM_COLD_SAMPLES = 5
 WEIGHT_STD = 0.02
+REPEATS = 3
 
 
 def make_adapters(model_dir: Path, root: Path, count: int, seed: int = 0) -> list[Any]:
@@ -128,12 +135,18 @@ def cold_load_extra_ttft(engine: Any, cold: list[Any], warm: Any, prompt: list[i
     return statistics.median(extras)
 
 
+def median_run(results: list[SystemResult]) -> SystemResult:
+    """The run with the median tokens/s (the upper middle of an even count)."""
+    return sorted(results, key=lambda r: r.tokens_per_s)[len(results) // 2]
+
+
 def zipf_assignment(refs: list[Any], num_requests: int, seed: int) -> list[Any]:
     weights = [1 / (k + 1) ** ZIPF_EXPONENT for k in range(len(refs))]
     return random.Random(seed).choices(refs, weights, k=num_requests)
 
 
 def main(args: argparse.Namespace) -> int:
+    from loramux_engine import EngineConfig, LLMEngine, SamplingParams
     from loramux_engine.lora import DirectorySource
 
     workload = QUICK if args.quick else FULL
@@ -149,21 +162,27 @@ def main(args: argparse.Namespace) -> int:
         cold = refs[-NUM_COLD_SAMPLES:]
         source = DirectorySource(root)
 
-        systems["engine_base"], engine, _, _ = run_engine(model_dir, prompts, out_tokens)
-        del engine
         assigned = [hot[i % NUM_ADAPTERS] for i in range(n)]
-        systems["engine_lora"], engine, _, _ = run_engine(
-            model_dir,
-            prompts,
-            out_tokens,
-            assigned,
-            hot,
-            adapter_source=source,
-            max_loras=NUM_ADAPTERS,
-            adapter_cache_dir=str(Path(tmp) / "cache-lora"),
-        )
-        engine.close()
-        del engine
+        runs: dict[str, list[SystemResult]] = {"engine_base": [], "engine_lora": []}
+        for _ in range(1 if args.quick else REPEATS):
+            result, engine, _, _ = run_engine(model_dir, prompts, out_tokens)
+            runs["engine_base"].append(result)
+            del engine
+            result, engine, _, _ = run_engine(
+                model_dir,
+                prompts,
+                out_tokens,
+                assigned,
+                hot,
+                adapter_source=source,
+                max_loras=NUM_ADAPTERS,
+                adapter_cache_dir=str(Path(tmp) / "cache-lora"),
+            )
+            runs["engine_lora"].append(result)
+            engine.close()
+            del engine
+        for name, results in runs.items():
+            systems[name] = median_run(results)
 
         zipf = zipf_assignment(thrash_refs, n, workload.seed)
         systems["engine_lora_thrash"], engine, _, _ = run_engine(
@@ -181,7 +200,26 @@ def main(args: argparse.Namespace) -> int:
         thrash.extra["num_device_slots"] = NUM_THRASH_SLOTS
         thrash.extra["num_distinct_adapters_requested"] = len({r.sha256 for r in zipf})
         thrash.extra["adapter_cache"] = engine.stats().extra
-        cold_extra = cold_load_extra_ttft(engine, cold, zipf[0], prompts[0][:16])
+        cold_prompt = prompts[0][:16]
+        from_source = cold_load_extra_ttft(engine, cold, zipf[0], cold_prompt)
+        engine.close()
+        del engine
+        gc.collect()
+        # A fresh engine over the same disk tier: the cold adapters are on disk, in no
+        # memory tier.
+        engine = LLMEngine(
+            EngineConfig(
+                str(model_dir),
+                dtype="float32",
+                adapter_source=source,
+                max_loras=NUM_THRASH_SLOTS,
+                adapter_cache_dir=str(Path(tmp) / "cache-thrash"),
+            )
+        )
+        engine.generate([cold_prompt[:8]], SamplingParams(temperature=0.0, max_tokens=2), [zipf[0]])
+        before = engine.stats().extra
+        from_disk = cold_load_extra_ttft(engine, cold, zipf[0], cold_prompt)
+        after = engine.stats().extra
         engine.close()
         del engine
         gc.collect()
@@ -203,16 +241,32 @@ def main(args: argparse.Namespace) -> int:
         "adapter_rank": RANK,
         "adapter_targets": "all-linear",
         "peft_batch_size": HF_BATCH[workload],
+        "engine_repeats": 1 if args.quick else REPEATS,
         "thrash": {
             "num_adapters": NUM_THRASH_ADAPTERS,
             "num_device_slots": NUM_THRASH_SLOTS,
             "zipf_exponent": ZIPF_EXPONENT,
         },
     }
-    cold_load = {"extra_ttft_p50_s": cold_extra, "num_samples": NUM_COLD_SAMPLES, "rank": RANK}
+    for name, results in runs.items():
+        systems[name].extra["runs_tokens_per_s"] = [r.tokens_per_s for r in results]
+    cold_load = {
+        "extra_ttft_p50_s": from_disk,
+        "tier": "disk",
+        # what the fresh engine's cache did for the cold adapters: every one a disk hit
+        **{
+            f"disk_{name}": after[f"adapter_cache_disk_{name}"]
+            - before[f"adapter_cache_disk_{name}"]
+            for name in ("hits", "misses")
+        },
+        "from_source_extra_ttft_p50_s": from_source,
+        "num_samples": NUM_COLD_SAMPLES,
+        "rank": RANK,
+    }
     print(format_table(systems))
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    print(f"cold adapter load, extra TTFT p50: {cold_extra * 1000:.0f} ms")
+    print(f"cold adapter load, extra TTFT p50: {from_disk * 1000:.0f} ms from the local disk tier")
+    print(f"  ({from_source * 1000:.0f} ms when first fetched from the source and verified)")
     write_report(args.json_path, details, systems, ratios, cold_adapter_load=cold_load)
     return 0
