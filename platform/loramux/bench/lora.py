@@ -13,9 +13,9 @@ on local disk:
   to a slot (the headline figure); and of one never seen, fetched from the source
   (here a local directory), sha256-verified and committed to the disk tier first.
 
-engine_base and engine_lora are measured alternately, REPEATS runs each, and each reports
-its median run (every run's tokens/s is in the JSON): their ratio is the one a noisy,
-shared machine moves most, as both runs take seconds.
+engine_base and engine_lora are measured alternately (base, lora, lora, base, base, lora),
+REPEATS runs each, and each reports its median run (every run's tokens/s is in the JSON):
+their ratio is the one a noisy, shared machine moves most.
 """
 
 from __future__ import annotations
@@ -164,23 +164,25 @@ def main(args: argparse.Namespace) -> int:
 
         assigned = [hot[i % NUM_ADAPTERS] for i in range(n)]
         runs: dict[str, list[SystemResult]] = {"engine_base": [], "engine_lora": []}
-        for _ in range(1 if args.quick else REPEATS):
-            result, engine, _, _ = run_engine(model_dir, prompts, out_tokens)
-            runs["engine_base"].append(result)
-            del engine
-            result, engine, _, _ = run_engine(
-                model_dir,
-                prompts,
-                out_tokens,
-                assigned,
-                hot,
-                adapter_source=source,
-                max_loras=NUM_ADAPTERS,
-                adapter_cache_dir=str(Path(tmp) / "cache-lora"),
-            )
-            runs["engine_lora"].append(result)
-            engine.close()
-            del engine
+        lora_config = {
+            "adapter_source": source,
+            "max_loras": NUM_ADAPTERS,
+            "adapter_cache_dir": str(Path(tmp) / "cache-lora"),
+        }
+        # base, lora, lora, base, base, lora: a machine that drifts slower or faster
+        # during the runs weighs on both systems alike
+        for repeat in range(1 if args.quick else REPEATS):
+            order = ["engine_base", "engine_lora"][:: 1 if repeat % 2 == 0 else -1]
+            for name in order:
+                if name == "engine_base":
+                    result, engine, _, _ = run_engine(model_dir, prompts, out_tokens)
+                else:
+                    result, engine, _, _ = run_engine(
+                        model_dir, prompts, out_tokens, assigned, hot, **lora_config
+                    )
+                runs[name].append(result)
+                engine.close()
+                del engine
         for name, results in runs.items():
             systems[name] = median_run(results)
 
