@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from loramux_engine import (
     AsyncLLMEngine,
     EngineConfig,
+    EngineConfigError,
     LLMEngine,
     PromptTooLongError,
     SamplingParams,
@@ -72,3 +74,20 @@ async def test_cancelling_the_consumer_aborts_the_request(engine: AsyncLLMEngine
     assert engine.stats().num_running == 0
     # the id is free again once the abort went through
     assert len(await _collect(engine.generate("cancel-me", PROMPTS[0], GREEDY))) == 8
+
+
+def test_from_config_builds_on_another_thread_and_raises_its_errors(
+    tiny_llama_dir: Path,
+) -> None:
+    with pytest.raises(EngineConfigError, match="kv_cache_bytes"):
+        AsyncLLMEngine.from_config(
+            EngineConfig(str(tiny_llama_dir), max_model_len=64, kv_cache_bytes=4096)
+        )
+    engine = AsyncLLMEngine.from_config(EngineConfig(str(tiny_llama_dir), max_model_len=64))
+    engine.start()
+    try:
+        tokens = asyncio.run(_collect(engine.generate("built", PROMPTS[0], GREEDY)))
+    finally:
+        engine.shutdown()
+    assert len(tokens) == GREEDY.max_tokens
+    assert "loramux-engine-build" not in {t.name for t in threading.enumerate()}
