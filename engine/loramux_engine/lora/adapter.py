@@ -124,14 +124,28 @@ def parse_adapter(
     return LoRAAdapter(config=resolved, weights=weights, num_bytes=num_bytes)
 
 
+# A float is NaN or infinite exactly when its exponent bits are all ones.
+_EXPONENT_BITS = {
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    # A float64 sum of float16/32 values cannot overflow, so it is finite exactly when
-    # every value is: one cheap reduction per tensor instead of an isfinite mask each.
-    total = torch.stack([t.sum(dtype=torch.float64) for t in tensors.values()]).sum()
-    if bool(torch.isfinite(total)):
-        return
-    name = next(n for n, t in sorted(tensors.items()) if not bool(torch.isfinite(t).all()))
-    raise UnsupportedAdapterError(f"unsupported adapter: {name!r} contains NaN or infinite values")
+    # On the raw bits, with numpy rather than torch: this runs on the adapter cache's loader
+    # threads, and a torch reduction over a large tensor would give a loader thread an
+    # OpenMP team of its own, which slows every engine step after it (see
+    # AsyncLLMEngine.from_config).
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
+        bits = tensor.contiguous().view(int_dtype).numpy()
+        if ((bits & mask) == mask).any():
+            raise UnsupportedAdapterError(
+                f"unsupported adapter: {name!r} contains NaN or infinite values"
+            )
 
 
 def read_adapter_dir(path: Path, shape: BaseModelShape, max_rank: int) -> LoRAAdapter:

@@ -133,6 +133,27 @@ def test_weights_refused(
         parse_adapter(config_bytes, bad, TINY, MAX_RANK)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
+def test_every_float_dtype_is_checked_for_nan_and_inf(
+    make_adapter: MakeAdapter, dtype: torch.dtype, value: float | None
+) -> None:
+    path, _ = make_adapter(target_modules=["q_proj", "v_proj"])
+    config_bytes, weights = read_files(path)
+    tensors = {name: t.to(dtype) for name, t in load(weights).items()}
+    last = sorted(tensors)[-1]
+    bad = tensors[last].clone()
+    # the largest finite value of the dtype passes; NaN and either infinity are refused
+    bad[-1, -1] = torch.finfo(dtype).max if value is None else value
+    weights = save(tensors | {last: bad}, {"format": "pt"})
+    if value is None:
+        adapter = parse_adapter(config_bytes, weights, TINY, MAX_RANK)
+        assert any(w.b.dtype == dtype for w in adapter.weights.values())
+        return
+    with pytest.raises(UnsupportedAdapterError, match=f"{last!r} contains NaN or infinite"):
+        parse_adapter(config_bytes, weights, TINY, MAX_RANK)
+
+
 @pytest.mark.parametrize(
     ("cut", "reason"),
     [(lambda w: w[:5], "shorter than"), (lambda w: w[:-4], "data offsets|out of bounds")],
