@@ -39,7 +39,7 @@ static inline __attribute__((always_inline)) void shrink_block(
     }
     if (NT == 4 && KB == 4) {  /* a full block: all sixteen sums in one reduction */
         float sums[16];
-        store16(sums, splat(scale) * hsum16(&acc[0][0]));
+        store16(sums, splat(scale) * transpose_sum(&acc[0][0]));
         for (int t = 0; t < 4; t++)
             for (int kb = 0; kb < 4; kb++) h[t0 + t][k0 + kb] = sums[4 * t + kb];
         return;

@@ -31,30 +31,33 @@ static inline float hsum(v16 x) {
     return (a + b) + (c + d);
 }
 
-/* The lane sums of sixteen vectors at once, v[j]'s sum in lane j: four rounds that each
- * add the two halves of pairs of vectors (15 shuffle pairs and adds where 16 hsums take
- * 240 scalar adds). */
-#define HALVES(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
-static inline v16 hsum16(const v16 v[16]) {
-    v16 s8[8], s4[4], s2[2];
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+
+/* Lane sums of 16 vectors at once: out[j] = sum(t[j]). A tree of 15 pairwise steps,
+ * each adding the two halves of every vector's lanes, instead of 16 serial reductions. */
+static inline v16 transpose_sum(const v16 t[16]) {
+    v16 u[8], w[4], z[2];
     for (int i = 0; i < 8; i++)
-        s8[i] = HALVES(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
-                       22, 23) +
-                HALVES(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
-                       28, 29, 30, 31);
+        u[i] = SHUFFLE(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7,
+                       16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUFFLE(t[2 * i], t[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15,
+                       24, 25, 26, 27, 28, 29, 30, 31);
     for (int i = 0; i < 4; i++)
-        s4[i] = HALVES(s8[2 * i], s8[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
-                       25, 26, 27) +
-                HALVES(s8[2 * i], s8[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23,
-                       28, 29, 30, 31);
+        w[i] = SHUFFLE(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11,
+                       16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUFFLE(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15,
+                       20, 21, 22, 23, 28, 29, 30, 31);
     for (int i = 0; i < 2; i++)
-        s2[i] = HALVES(s4[2 * i], s4[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24,
-                       25, 28, 29) +
-                HALVES(s4[2 * i], s4[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23,
-                       26, 27, 30, 31);
-    return HALVES(s2[0], s2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           HALVES(s2[0], s2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        z[i] = SHUFFLE(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13,
+                       16, 17, 20, 21, 24, 25, 28, 29) +
+               SHUFFLE(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15,
+                       18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUFFLE(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUFFLE(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
-#undef HALVES
 
 #endif

@@ -187,15 +187,13 @@ def main(args: argparse.Namespace) -> int:
             systems[name] = median_run(results)
 
         zipf = zipf_assignment(thrash_refs, n, workload.seed)
+        thrash_config: dict[str, Any] = {
+            "adapter_source": source,
+            "max_loras": NUM_THRASH_SLOTS,
+            "adapter_cache_dir": str(Path(tmp) / "cache-thrash"),
+        }
         systems["engine_lora_thrash"], engine, _, _ = run_engine(
-            model_dir,
-            prompts,
-            out_tokens,
-            zipf,
-            thrash_refs[:NUM_THRASH_SLOTS],
-            adapter_source=source,
-            max_loras=NUM_THRASH_SLOTS,
-            adapter_cache_dir=str(Path(tmp) / "cache-thrash"),
+            model_dir, prompts, out_tokens, zipf, thrash_refs[:NUM_THRASH_SLOTS], **thrash_config
         )
         thrash = systems["engine_lora_thrash"]
         thrash.extra["num_adapters"] = NUM_THRASH_ADAPTERS
@@ -209,15 +207,7 @@ def main(args: argparse.Namespace) -> int:
         gc.collect()
         # A fresh engine over the same disk tier: the cold adapters are on disk, in no
         # memory tier.
-        engine = LLMEngine(
-            EngineConfig(
-                str(model_dir),
-                dtype="float32",
-                adapter_source=source,
-                max_loras=NUM_THRASH_SLOTS,
-                adapter_cache_dir=str(Path(tmp) / "cache-thrash"),
-            )
-        )
+        engine = LLMEngine(EngineConfig(str(model_dir), dtype="float32", **thrash_config))
         engine.generate([cold_prompt[:8]], SamplingParams(temperature=0.0, max_tokens=2), [zipf[0]])
         before = engine.stats().extra
         from_disk = cold_load_extra_ttft(engine, cold, zipf[0], cold_prompt)
