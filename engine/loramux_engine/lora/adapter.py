@@ -1,13 +1,14 @@
 """A parsed LoRA adapter: per adapted projection its A, B and PEFT scale, on the host.
 
 Every check runs here, before any weight can reach a slot pool: the config (see
-peft_config), then the safetensors header (names, dtypes, shapes), then the values.
+peft_config), then the safetensors header (names, dtypes, shapes), then the values
+(see values: finite and bounded, so that they stay finite in every serving dtype).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from loramux_engine.lora.errors import UnsupportedAdapterError
+from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from loramux_engine.lora.peft_config import ResolvedLoRAConfig, resolve_peft_config
-from loramux_engine.lora.safetensors_header import read_header
+from loramux_engine.lora.safetensors_header import TensorEntry, read_header
 from loramux_engine.lora.shape import BaseModelShape, module_key
+from loramux_engine.lora.values import check_lora_scales, check_lora_values, tensor_absmax
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 # What PEFT's save_pretrained writes for a LlamaForCausalLM: the module key under the
 # PeftModel's `base_model.model.` prefix, then lora_A / lora_B.
 TENSOR_PREFIX = "base_model.model."
@@ -66,10 +67,9 @@ def parse_config_bytes(config_bytes: bytes) -> Mapping[str, Any]:
 
 
 def check_weights_header(
-    resolved: ResolvedLoRAConfig, weights_bytes: bytes, shape: BaseModelShape
+    resolved: ResolvedLoRAConfig, header: Mapping[str, TensorEntry], shape: BaseModelShape
 ) -> None:
     """Names and shapes in the header must be exactly the config's targets, no more."""
-    header = read_header(weights_bytes)
     expected: dict[str, tuple[int, int]] = {}
     for (layer, projection), target in resolved.targets.items():
         in_features, out_features = shape.features(projection)
@@ -106,14 +106,16 @@ def parse_adapter(
     if isinstance(config, bytes):
         config = parse_config_bytes(config)
     resolved = resolve_peft_config(config, shape, max_rank)
-    check_weights_header(resolved, weights_bytes, shape)
+    check_weights_header(
+        resolved, read_header(weights_bytes, max_tensors=shape.max_adapter_tensors), shape
+    )
     try:
         tensors = load_safetensors(weights_bytes)
     except SafetensorError as error:
         raise UnsupportedAdapterError(
             f"unsupported adapter: adapter_model.safetensors cannot be read: {error}"
         ) from error
-    _check_finite(tensors)
+    check_values(resolved, tensors.items())
     weights: dict[tuple[int, str], LoRAWeights] = {}
     for (layer, projection), target in resolved.targets.items():
         name_a, name_b = tensor_names(layer, projection)
@@ -124,28 +126,21 @@ def parse_adapter(
     return LoRAAdapter(config=resolved, weights=weights, num_bytes=num_bytes)
 
 
-# A float is NaN or infinite exactly when its exponent bits are all ones.
-_EXPONENT_BITS = {
-    torch.float16: (torch.int16, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7F80),
-    torch.float32: (torch.int32, 0x7F800000),
-    torch.float64: (torch.int64, 0x7FF0000000000000),
-}
+def check_values(
+    resolved: ResolvedLoRAConfig, tensors: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """The adapter's values against lora.values' bounds, one tensor at a time.
 
-
-def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    # On the raw bits, with numpy rather than torch: this runs on the adapter cache's loader
-    # threads, and a torch reduction over a large tensor would give a loader thread an
-    # OpenMP team of its own, which slows every engine step after it (see
-    # AsyncLLMEngine.from_config).
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
-        bits = tensor.contiguous().view(int_dtype).numpy()
-        if ((bits & mask) == mask).any():
-            raise UnsupportedAdapterError(
-                f"unsupported adapter: {name!r} contains NaN or infinite values"
-            )
+    ``tensors`` may be a generator that reads each tensor only when asked (the platform's
+    validator does), so no more than one is held here at once.
+    """
+    check_lora_scales(resolved)  # from the config alone, before any tensor is read
+    absmax = {name: tensor_absmax(name, tensor) for name, tensor in tensors}
+    maxima: dict[tuple[int, str], tuple[float, float]] = {}
+    for key in resolved.targets:
+        name_a, name_b = tensor_names(*key)
+        maxima[key] = (absmax[name_a], absmax[name_b])
+    check_lora_values(resolved, maxima)
 
 
 def read_adapter_dir(path: Path, shape: BaseModelShape, max_rank: int) -> LoRAAdapter:

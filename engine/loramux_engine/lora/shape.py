@@ -64,6 +64,11 @@ class BaseModelShape:
             "down_proj": (inter, hidden),
         }[projection]
 
+    @property
+    def max_adapter_tensors(self) -> int:
+        """Every projection of every layer adapted, an A and a B for each."""
+        return 2 * len(PROJECTIONS) * self.num_layers
+
     def projection_keys(self) -> Iterator[tuple[int, str, str]]:
         """Every LoRA-capable projection as (layer, projection, module key)."""
         for layer in range(self.num_layers):

@@ -18,8 +18,3 @@ def base_model_shape(settings: Settings) -> BaseModelShape:
 @lru_cache(maxsize=4)
 def _shape_of(model_dir: Path) -> BaseModelShape:
     return BaseModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
-
-
-def max_adapter_tensors(shape: BaseModelShape) -> int:
-    """Every projection of every layer adapted, an A and a B for each."""
-    return 2 * 7 * shape.num_layers

@@ -14,8 +14,8 @@ from typing import Any
 from loramux.adapters.errors import AdapterRejected
 from loramux_engine.lora.adapter import parse_config_bytes
 from loramux_engine.lora.errors import UnsupportedAdapterError
+from loramux_engine.lora.files import CONFIG_NAME
 
-CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 64 * 1024
 # Keys through which a Hugging Face config can make a loader import or run code.
 CODE_KEYS = ("auto_map", "trust_remote_code")

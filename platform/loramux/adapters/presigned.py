@@ -16,7 +16,6 @@ from typing import IO, Any, cast
 from sqlalchemy import select
 
 from loramux.adapters import idempotency, registry
-from loramux.adapters.safetensors_header import WEIGHTS_NAME
 from loramux.adapters.uploads import (
     AdapterUploads,
     Response,
@@ -28,6 +27,7 @@ from loramux.db.models import Adapter, AdapterUpload, AdapterVersion
 from loramux.db.models import new_id as make_id
 from loramux.errors import InvalidRequest, NotFound
 from loramux.storage import BlobCorruptError, BlobNotFound, ChecksumMismatch, adapter_key
+from loramux_engine.lora.files import WEIGHTS_NAME
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 NEEDS_S3 = (

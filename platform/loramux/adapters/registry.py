@@ -9,13 +9,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loramux import tenancy
-from loramux.adapters.config_check import CONFIG_NAME, ConfigSummary
-from loramux.adapters.safetensors_header import WEIGHTS_NAME
+from loramux.adapters.config_check import ConfigSummary
 from loramux.audit import record
 from loramux.db.models import Adapter, AdapterVersion, Tenant
 from loramux.db.scoped import scoped
 from loramux.errors import InvalidRequest, NotFound, PermissionDenied
 from loramux.storage import adapter_key
+from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 
 
 def validate_adapter_name(name: Any, base_model_id: str) -> str:

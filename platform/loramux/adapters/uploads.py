@@ -20,9 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.adapters import idempotency, registry
-from loramux.adapters.config_check import CONFIG_NAME, ConfigSummary, check_config_bytes
+from loramux.adapters.config_check import ConfigSummary, check_config_bytes
 from loramux.adapters.errors import AdapterRejected
-from loramux.adapters.safetensors_header import WEIGHTS_NAME, read_safetensors_header
 from loramux.db.models import AdapterUpload, Tenant
 from loramux.db.session import transaction
 from loramux.errors import Conflict, InvalidRequest, ServiceUnavailable
@@ -35,7 +34,10 @@ from loramux.storage import (
     StorageError,
     adapter_key,
 )
+from loramux_engine.lora.errors import UnsupportedAdapterError
+from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from loramux_engine.lora.ref import combine_file_digests
+from loramux_engine.lora.safetensors_header import read_header_stream
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +131,9 @@ class AdapterUploads:
         """``POST /v1/adapters``: ``weights`` is a seekable local copy of the upload."""
         name, summary = self.check(name, config_raw, weights_bytes)
         try:
-            read_safetensors_header(weights, weights_bytes, max_tensors=UPLOAD_MAX_TENSORS)
-        except AdapterRejected as error:
-            raise rejected(error, "weights") from None
+            read_header_stream(weights, weights_bytes, max_tensors=UPLOAD_MAX_TENSORS)
+        except UnsupportedAdapterError as error:
+            raise rejected(AdapterRejected(str(error)), "weights") from None
         weights.seek(0)
         staged = StagedAdapter(name, summary, config_raw, sha256_stream(weights), weights_bytes)
         idem = idempotency.from_header(

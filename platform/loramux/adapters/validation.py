@@ -10,16 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 
-from loramux.adapters.base_shape import max_adapter_tensors
 from loramux.adapters.config_check import MAX_CONFIG_BYTES, check_config_bytes
 from loramux.adapters.errors import AdapterRejected
-from loramux.adapters.safetensors_header import WEIGHTS_NAME, read_safetensors_header
-from loramux_engine.lora.adapter import check_weights_header
+from loramux_engine.lora.adapter import check_values, check_weights_header
 from loramux_engine.lora.errors import UnsupportedAdapterError
-from loramux_engine.lora.peft_config import resolve_peft_config
+from loramux_engine.lora.files import WEIGHTS_NAME
+from loramux_engine.lora.peft_config import ResolvedLoRAConfig, resolve_peft_config
+from loramux_engine.lora.safetensors_header import read_header_stream
 from loramux_engine.lora.shape import BaseModelShape
 
 
@@ -40,13 +39,13 @@ def validate_adapter_files(
     try:
         resolved = resolve_peft_config(summary.config, shape, max_rank)
         with weights_path.open("rb") as stream:
-            header = read_safetensors_header(
-                stream, weights_path.stat().st_size, max_tensors=max_adapter_tensors(shape)
+            header = read_header_stream(
+                stream, weights_path.stat().st_size, max_tensors=shape.max_adapter_tensors
             )
-        check_weights_header(resolved, header.as_file_bytes(), shape)
+        check_weights_header(resolved, header, shape)
     except UnsupportedAdapterError as error:
         raise AdapterRejected(str(error)) from None
-    _check_values(weights_path)
+    _check_values(resolved, weights_path)
     return ValidatedAdapter(
         rank=resolved.max_rank,
         alpha=resolved.lora_alpha,
@@ -54,15 +53,14 @@ def validate_adapter_files(
     )
 
 
-def _check_values(weights_path: Path) -> None:
+def _check_values(resolved: ResolvedLoRAConfig, weights_path: Path) -> None:
+    """The engine's own value check (finite, and bounded for every serving dtype)."""
     try:
         with safe_open(str(weights_path), framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensor = weights.get_tensor(name)
-                if not bool(torch.isfinite(tensor).all()):
-                    raise AdapterRejected(
-                        f"{WEIGHTS_NAME}: tensor {name!r} contains NaN or infinite values"
-                    )
-                del tensor
+            # A generator: check_values holds one tensor at a time.
+            names = list(weights.keys())  # noqa: SIM118 - safe_open is not a mapping
+            check_values(resolved, ((name, weights.get_tensor(name)) for name in names))
+    except UnsupportedAdapterError as error:
+        raise AdapterRejected(str(error)) from None
     except SafetensorError as error:
         raise AdapterRejected(f"{WEIGHTS_NAME} cannot be read: {error}") from None

@@ -15,13 +15,12 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from loramux.adapters.config_check import CONFIG_NAME
 from loramux.adapters.errors import AdapterRejected
-from loramux.adapters.safetensors_header import WEIGHTS_NAME
 from loramux.adapters.validation import ValidatedAdapter, validate_adapter_files
 from loramux.db.models import Adapter, AdapterVersion
 from loramux.db.session import transaction
 from loramux.storage import BlobCorruptError, BlobNotFound, Storage
+from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from loramux_engine.lora.ref import combine_file_digests
 from loramux_engine.lora.shape import BaseModelShape
 

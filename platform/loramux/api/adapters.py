@@ -16,14 +16,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from loramux.adapters import presigned, registry
-from loramux.adapters.config_check import CONFIG_NAME, MAX_CONFIG_BYTES
+from loramux.adapters.config_check import MAX_CONFIG_BYTES
 from loramux.adapters.idempotency import HEADER as IDEMPOTENCY_HEADER
-from loramux.adapters.safetensors_header import WEIGHTS_NAME
 from loramux.adapters.uploads import AdapterUploads
 from loramux.api.common import json_object, state, tenant_principal
 from loramux.db.session import transaction
 from loramux.errors import InvalidRequest
 from loramux.jobs.queue import job_queue
+from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from loramux_engine.lora.ref import AdapterRef
 
 log = logging.getLogger(__name__)
