@@ -15,6 +15,7 @@ from loramux.settings import Settings
 from loramux.storage import Storage, adapter_key
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.async_engine import AsyncLLMEngine
+from loramux_engine.lora.files import ADAPTER_FILES
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.outputs import EngineStats, RequestOutput
 from loramux_engine.sampling_params import SamplingParams
@@ -52,14 +53,12 @@ class EngineClient(Protocol):
 class StorageAdapterSource:
     """Feeds the engine's adapter cache from object storage; keys derive from the sha256."""
 
-    FILES = ("adapter_config.json", "adapter_model.safetensors")
-
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
     def fetch(self, ref: AdapterRef, dest_dir: Path) -> None:
         dest_dir.mkdir(parents=True, exist_ok=True)
-        for filename in self.FILES:
+        for filename in ADAPTER_FILES:
             # The engine verifies the adapter's combined sha256 once both files are here.
             self.storage.download_to(
                 adapter_key(ref.sha256, filename), dest_dir / filename, expected_sha256=None

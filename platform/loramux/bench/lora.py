@@ -64,6 +64,7 @@ def make_adapters(model_dir: Path, root: Path, count: int, seed: int = 0) -> lis
     from safetensors.torch import load_file, save
 
     from loramux_engine.lora import AdapterRef, adapter_sha256
+    from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 
     template = root / "template"
     with warnings.catch_warnings():
@@ -75,8 +76,8 @@ def make_adapters(model_dir: Path, root: Path, count: int, seed: int = 0) -> lis
             ),
         )
         model.save_pretrained(str(template))
-    config = (template / "adapter_config.json").read_bytes()
-    tensors = load_file(template / "adapter_model.safetensors")
+    config = (template / CONFIG_NAME).read_bytes()
+    tensors = load_file(template / WEIGHTS_NAME)
     generator = torch.Generator().manual_seed(seed)
     refs = []
     for i in range(count):
@@ -86,8 +87,8 @@ def make_adapters(model_dir: Path, root: Path, count: int, seed: int = 0) -> lis
         )
         ref = AdapterRef(f"bench-{i}", adapter_sha256(config, weights))
         (root / ref.sha256).mkdir(parents=True)
-        (root / ref.sha256 / "adapter_config.json").write_bytes(config)
-        (root / ref.sha256 / "adapter_model.safetensors").write_bytes(weights)
+        (root / ref.sha256 / CONFIG_NAME).write_bytes(config)
+        (root / ref.sha256 / WEIGHTS_NAME).write_bytes(weights)
         refs.append(ref)
     return refs
 

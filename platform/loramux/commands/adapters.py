@@ -16,9 +16,8 @@ from typing import IO, Any
 import httpx
 
 from loramux.settings import get_settings
+from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 WAIT_TIMEOUT_S = 600.0
 POLL_INTERVAL_S = 0.5
