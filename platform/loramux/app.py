@@ -13,7 +13,17 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from loramux import openapi
-from loramux.api import adapters, admin, batches, console, engine, files, health, inference, models
+from loramux.api import (
+    adapters,
+    admin,
+    batches,
+    console,
+    engine,
+    files,
+    health,
+    inference,
+    model_list,
+)
 from loramux.auth.backend import ApiKeyBackend, on_auth_error
 from loramux.db.session import make_engine, make_session_factory
 from loramux.errors import APIError, api_error_handler, internal_error_handler
@@ -66,7 +76,7 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
     app = Starlette(
         routes=[
             *health.routes,
-            *models.routes,
+            *model_list.routes,
             *inference.routes,
             *adapters.routes,
             *files.routes,

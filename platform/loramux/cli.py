@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull = models.add_parser("pull", help="fetch and convert a base model")
     pull.add_argument("name", nargs="?", default=None)
-    pull.set_defaults(handler=_lazy("loramux.models:cli_pull"))
+    pull.set_defaults(handler=_lazy("loramux.base_models:cli_pull"))
     models.add_parser("list", help="known and pulled models").set_defaults(
-        handler=_lazy("loramux.models:cli_list")
+        handler=_lazy("loramux.base_models:cli_list")
     )
 
     tenants = commands.add_parser("tenants", help="tenants").add_subparsers(

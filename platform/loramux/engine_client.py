@@ -102,7 +102,7 @@ class InProcessEngineClient:
 
 
 def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineConfig:
-    from loramux.models import resolve_model
+    from loramux.base_models import resolve_model
 
     return EngineConfig(
         model_dir=str(resolve_model(settings.model, settings.models_dir)),

@@ -6,7 +6,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from loramux.models import resolve_model
+from loramux.base_models import resolve_model
 from loramux.settings import Settings
 from loramux_engine.lora.shape import BaseModelShape
 

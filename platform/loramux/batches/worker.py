@@ -31,7 +31,7 @@ class AdmitAll(RateLimiter):
     """Batch lines are not subject to per-minute limits (the monthly quota still applies)."""
 
     async def _admit(
-        self, tenant_id: str, request_id: str, limits: Limits, tokens: int
+        self, tenant_id: str, request_id: str, limits: Limits, tokens: int, sequences: int
     ) -> WindowState:
         return WindowState(None, 0.0, 0, 0, 0.0, 0.0)
 
@@ -47,7 +47,7 @@ def batch_app_state(context: WorkerContext) -> AppState:
     """What ``admit`` needs, with the remote engine and the admit-all limiter."""
     global _state, _state_pid
     if _state is None or _state_pid != os.getpid():
-        from loramux.models import resolve_model
+        from loramux.base_models import resolve_model
 
         settings = context.settings
         if settings.admin_key is None:

@@ -25,7 +25,7 @@ HF_BATCH = {FULL: 16, QUICK: 4}
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    from loramux.models import resolve_model
+    from loramux.base_models import resolve_model
     from loramux.settings import get_settings
 
     settings = get_settings()

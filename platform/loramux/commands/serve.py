@@ -13,12 +13,12 @@ from sqlalchemy import select, update
 
 from loramux import tenancy
 from loramux.app import build_state, create_app
+from loramux.base_models import ModelError
 from loramux.db.migrate import upgrade
 from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
 from loramux.engine_client import engine_client_from_settings
 from loramux.jobs.embedded import EmbeddedWorker
-from loramux.models import ModelError
 from loramux.settings import Settings, get_settings
 from loramux.storage import storage_from_settings
 from loramux_engine.errors import EngineConfigError, ModelLoadError

