@@ -83,8 +83,11 @@ class Scheduler:
         assert self.adapters is not None, "the engine refuses adapters when it has no cache"
         try:
             slot = self.adapters.acquire(seq.adapter)
-        except AdapterLoadError as error:
-            seq.error = error
+        except Exception as cause:
+            # Whatever went wrong with this adapter fails its sequence, never the step.
+            if not isinstance(cause, AdapterLoadError):
+                cause = AdapterLoadError(seq.adapter.id, cause)
+            seq.error = cause
             self.finish(seq, "error")
             self.failed.append(seq)
             return False
@@ -92,6 +95,12 @@ class Scheduler:
             return False
         seq.adapter_slot = slot
         return True
+
+    def _unpin_adapter(self, seq: Sequence) -> None:
+        slot, seq.adapter_slot = seq.adapter_slot, 0
+        if slot:
+            assert self.adapters is not None and isinstance(seq.adapter, AdapterRef)
+            self.adapters.release(seq.adapter)
 
     def schedule(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
@@ -114,7 +123,11 @@ class Scheduler:
                 skipped.add(seq)  # only this adapter's requests wait for its load
                 continue
             charged[seq.fairness_key] += seq.num_prompt_tokens
-            self.kv_cache.allocate(seq)
+            try:
+                self.kv_cache.allocate(seq)
+            except BaseException:
+                self._unpin_adapter(seq)  # the pin must not outlive a failed admission
+                raise
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -138,13 +151,9 @@ class Scheduler:
                 seq.token_ids.append(token_id)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish a sequence; its KV rows and adapter pin are returned even if one raises."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.kv_cache.deallocate(seq)
-            if seq.adapter_slot:
-                assert self.adapters is not None and isinstance(seq.adapter, AdapterRef)
-                self.adapters.release(seq.adapter)
-                seq.adapter_slot = 0
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         else:
@@ -154,3 +163,7 @@ class Scheduler:
             del self._num_active[seq.fairness_key]
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        try:
+            self.kv_cache.deallocate(seq)  # a no-op for a sequence that holds no rows
+        finally:
+            self._unpin_adapter(seq)

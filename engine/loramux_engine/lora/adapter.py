@@ -126,9 +126,7 @@ def parse_adapter(
     return LoRAAdapter(config=resolved, weights=weights, num_bytes=num_bytes)
 
 
-def check_values(
-    resolved: ResolvedLoRAConfig, tensors: Iterable[tuple[str, torch.Tensor]]
-) -> None:
+def check_values(resolved: ResolvedLoRAConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """The adapter's values against lora.values' bounds, one tensor at a time.
 
     ``tensors`` may be a generator that reads each tensor only when asked (the platform's

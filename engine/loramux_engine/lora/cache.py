@@ -1,11 +1,15 @@
 """The adapter cache: device slots <- host memory LRU <- local disk <- AdapterSource.
 
 Every tier is bounded in bytes (the device tier by its preallocated pool, see
-LoRASlotPool.slots_for_budget). Adapters are keyed by sha256, so one content uploaded
-twice is held once. The engine thread calls everything public; loader threads fetch,
+LoRASlotPool.slots_for_budget). Every tier is keyed by AdapterRef.cache_key, derived from
+the ref's namespace (the platform's tenant) and its sha256: one content referenced twice
+within a namespace is held once, but never shared across namespaces, so a load is never a
+warm hit that tells one tenant what another has in use, and a drop in one namespace never
+evicts another's. The engine thread calls everything public; loader threads fetch,
 verify (see ref.adapter_sha256) and parse cold adapters into the host tier, and `poll`
 then writes finished loads into device slots between steps. An adapter pinned by a
-running request (acquire .. release) is never evicted from its slot.
+running request (acquire .. release) is never evicted from its slot, and a slot is
+returned on every path, a failed write into the pool included.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class AdapterCache:
         self._stats_lock = threading.Lock()
         # More than one loader so that one slow fetch does not hold up every other cold load.
         self._loader = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="lora-loader")
-        # Engine-thread state, keyed by sha256.
+        # Engine-thread state, keyed by AdapterRef.cache_key.
         self._slots: OrderedDict[str, int] = OrderedDict()  # resident, least recent first
         self._free_slots = list(range(pool.num_slots - 1, 0, -1))
         self._pins: dict[str, int] = {}
@@ -64,73 +68,88 @@ class AdapterCache:
         self._staged: dict[str, tuple[AdapterRef, LoRAAdapter]] = {}  # loaded, awaiting a slot
         self._failed: dict[str, tuple[AdapterLoadError, float]] = {}
         self._dropped: set[str] = set()  # dropped while pinned: cleared on last release
+        # Loads in flight when their adapter was dropped: what they leave in the host and
+        # disk tiers is removed once they finish.
+        self._orphans: dict[str, Future[LoRAAdapter]] = {}
 
     # -- engine thread -------------------------------------------------------------
 
     def is_ready(self, ref: AdapterRef) -> bool:
-        return ref.sha256 in self._slots
+        return ref.cache_key in self._slots
 
     def can_admit(self, ref: AdapterRef) -> bool:
         """False only when the adapter is not resident and every slot is pinned."""
-        return ref.sha256 in self._slots or self._has_slot()
+        return ref.cache_key in self._slots or self._has_slot()
 
     def acquire(self, ref: AdapterRef) -> int | None:
         """Pin the adapter and return its slot, or None while it loads (a load is started).
 
-        Raises AdapterLoadError when its last load failed (less than failure_ttl_s ago).
+        Raises AdapterLoadError when its last load failed (less than failure_ttl_s ago),
+        or when writing it into a slot fails now (the slot stays free for others).
         """
-        sha = ref.sha256
-        slot = self._slots.get(sha)
+        key = ref.cache_key
+        slot = self._slots.get(key)
         if slot is None:
-            self._raise_if_failed(sha)
-            if sha not in self._staged and sha not in self._loading:
+            self._raise_if_failed(key)
+            if key not in self._staged and key not in self._loading:
                 self._count("device", misses=1)
-                adapter = self._host.get(sha)
+                adapter = self._host.get(key)
                 if adapter is None:
-                    self._loading[sha] = (ref, self._loader.submit(self._load, ref))
+                    self._loading[key] = (ref, self._loader.submit(self._load, ref))
                     return None
                 self._count("host", hits=1)
-                self._staged[sha] = (ref, adapter)
-            if sha not in self._staged or not self._place(sha):
+                self._staged[key] = (ref, adapter)
+            if key not in self._staged or not self._place(key):
                 return None
-            slot = self._slots[sha]
+            slot = self._slots[key]
         else:
             self._count("device", hits=1)
-            self._slots.move_to_end(sha)
-        self._pins[sha] = self._pins.get(sha, 0) + 1
+            self._slots.move_to_end(key)
+        self._pins[key] = self._pins.get(key, 0) + 1
         return slot
 
     def release(self, ref: AdapterRef) -> None:
-        sha = ref.sha256
-        pins = self._pins.get(sha, 0) - 1
+        key = ref.cache_key
+        pins = self._pins.get(key, 0) - 1
         if pins < 0:
             raise ValueError(f"release of adapter {ref.id} without a matching acquire")
         if pins:
-            self._pins[sha] = pins
+            self._pins[key] = pins
             return
-        del self._pins[sha]
-        if sha in self._dropped:
-            self._dropped.discard(sha)
-            self._evict_slot(sha)
+        del self._pins[key]
+        if key in self._dropped:
+            self._dropped.discard(key)
+            self._evict_slot(key)
 
     def poll(self) -> list[tuple[AdapterRef, AdapterLoadError]]:
         """Finish loads: write loaded adapters into free slots; return the new failures."""
         failures = []
-        for sha, (ref, future) in list(self._loading.items()):
+        for key, (ref, future) in list(self._loading.items()):
             if not future.done():
                 continue
-            del self._loading[sha]
+            del self._loading[key]
             try:
-                self._staged[sha] = (ref, future.result())
+                self._staged[key] = (ref, future.result())
             except Exception as cause:
                 error = AdapterLoadError(ref.id, cause)
-                self._failed[sha] = (error, time.monotonic())
+                self._failed[key] = (error, time.monotonic())
                 failures.append((ref, error))
+        for key, future in list(self._orphans.items()):
+            if future.done():
+                del self._orphans[key]
+                if key not in self._loading and key not in self._staged:
+                    self._host.pop(key)
+                    self._disk.remove(key)
+        self._expire_failures()
         # Place no more than the slots free or unpinned now, so that placing one staged
         # adapter never evicts another placed by this same poll before its request pins it.
-        room = len(self._free_slots) + sum(sha not in self._pins for sha in self._slots)
-        for sha in list(self._staged)[:room]:
-            self._place(sha)
+        room = len(self._free_slots) + sum(key not in self._pins for key in self._slots)
+        for key in list(self._staged)[:room]:
+            ref = self._staged[key][0]
+            try:
+                self._place(key)
+            except AdapterLoadError as error:
+                failures.append((ref, error))
         return failures
 
     def wait_for_load(self, timeout_s: float) -> None:
@@ -141,16 +160,18 @@ class AdapterCache:
 
     def drop(self, ref: AdapterRef) -> None:
         """Forget a deleted adapter in every tier (its slot is cleared once unpinned)."""
-        sha = ref.sha256
-        self._loading.pop(sha, None)  # a load in flight finishes, but nothing places it
-        self._staged.pop(sha, None)
-        self._failed.pop(sha, None)
-        self._host.pop(sha)
-        self._disk.remove(sha)
-        if sha in self._pins:
-            self._dropped.add(sha)
-        elif sha in self._slots:
-            self._evict_slot(sha)
+        key = ref.cache_key
+        loading = self._loading.pop(key, None)
+        if loading is not None:  # it finishes, but nothing places it, and poll forgets it
+            self._orphans[key] = loading[1]
+        self._staged.pop(key, None)
+        self._failed.pop(key, None)
+        self._host.pop(key)
+        self._disk.remove(key)
+        if key in self._pins:
+            self._dropped.add(key)
+        elif key in self._slots:
+            self._evict_slot(key)
 
     def stats(self) -> dict[str, dict[str, float]]:
         with self._stats_lock:
@@ -158,7 +179,10 @@ class AdapterCache:
         tiers["host"]["evictions"] = self._host.evictions
         tiers["disk"]["evictions"] = self._disk.evictions
         tiers["device"].update(
-            num_slots=self.pool.num_slots - 1, resident=len(self._slots), pinned=len(self._pins)
+            num_slots=self.pool.num_slots - 1,
+            resident=len(self._slots),
+            pinned=len(self._pins),
+            free=len(self._free_slots),
         )
         tiers["host"].update(bytes=self._host.num_bytes, budget_bytes=self._host.budget_bytes)
         tiers["disk"].update(bytes=self._disk.num_bytes, budget_bytes=self._disk.budget_bytes)
@@ -167,37 +191,58 @@ class AdapterCache:
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
 
-    def _raise_if_failed(self, sha: str) -> None:
-        failed = self._failed.get(sha)
+    def _raise_if_failed(self, key: str) -> None:
+        failed = self._failed.get(key)
         if failed is None:
             return
         error, at = failed
         if time.monotonic() - at < self.failure_ttl_s:
             raise error
-        del self._failed[sha]
+        del self._failed[key]
+
+    def _expire_failures(self) -> None:
+        # Failures of adapters nobody asks for again would otherwise stay forever.
+        now = time.monotonic()
+        for key, (_, at) in list(self._failed.items()):
+            if now - at >= self.failure_ttl_s:
+                del self._failed[key]
 
     def _has_slot(self) -> bool:
-        return bool(self._free_slots) or any(sha not in self._pins for sha in self._slots)
+        return bool(self._free_slots) or any(key not in self._pins for key in self._slots)
 
-    def _place(self, sha: str) -> bool:
-        """Write a staged adapter into a free or least recently used unpinned slot."""
+    def _place(self, key: str) -> bool:
+        """Write a staged adapter into a free or least recently used unpinned slot.
+
+        When the write fails the slot goes back to the free list (pool.load leaves it
+        zeroed) and the adapter fails with AdapterLoadError, raised here and again at its
+        requests' admission until failure_ttl_s has passed.
+        """
         if not self._has_slot():
             return False
         if not self._free_slots:
-            victim = next(sha for sha in self._slots if sha not in self._pins)
+            victim = next(key for key in self._slots if key not in self._pins)
             self._evict_slot(victim)
+        ref, adapter = self._staged.pop(key)
         slot = self._free_slots.pop()
-        _, adapter = self._staged.pop(sha)
         start = time.perf_counter()
-        self.pool.load(slot, adapter)
+        try:
+            self.pool.load(slot, adapter)
+        except Exception as cause:
+            self._free_slots.append(slot)
+            self._host.pop(key)  # a later retry parses it again rather than reuse this copy
+            error = AdapterLoadError(ref.id, cause)
+            self._failed[key] = (error, time.monotonic())
+            raise error from cause
         self._count("device", loads=1, load_seconds=time.perf_counter() - start)
-        self._slots[sha] = slot
+        self._slots[key] = slot
         return True
 
-    def _evict_slot(self, sha: str) -> None:
-        slot = self._slots.pop(sha)
-        self.pool.clear(slot)
-        self._free_slots.append(slot)
+    def _evict_slot(self, key: str) -> None:
+        slot = self._slots.pop(key)
+        try:
+            self.pool.clear(slot)
+        finally:
+            self._free_slots.append(slot)
         self._count("device", evictions=1)
 
     def _count(self, tier: str, **deltas: float) -> None:
@@ -209,16 +254,17 @@ class AdapterCache:
     # -- loader threads ------------------------------------------------------------
 
     def _load(self, ref: AdapterRef) -> LoRAAdapter:
-        adapter = self._host.get(ref.sha256)
+        key = ref.cache_key
+        adapter = self._host.get(key)
         if adapter is not None:
             self._count("host", hits=1)
             return adapter
         self._count("host", misses=1)
-        files = self._disk.read(ref.sha256)
+        files = self._disk.read(key)
         if files is not None:
             # Only verified content is ever committed to disk, so a hit is not re-hashed.
             self._count("disk", hits=1)
-            return self._parse(ref, files)
+            return self._parse(key, files)
         self._count("disk", misses=1)
         start = time.perf_counter()
         staging = self._disk.staging_dir()
@@ -230,16 +276,16 @@ class AdapterCache:
                     f"content does not match sha256 {ref.sha256}; the adapter was refused"
                 )
             self._count("disk", loads=1, load_seconds=time.perf_counter() - start)
-            adapter = self._parse(ref, files)
+            adapter = self._parse(key, files)
         except BaseException:
             self._disk.discard(staging)
             raise
-        self._disk.commit(ref.sha256, staging)
+        self._disk.commit(key, staging)
         return adapter
 
-    def _parse(self, ref: AdapterRef, files: tuple[bytes, bytes]) -> LoRAAdapter:
+    def _parse(self, key: str, files: tuple[bytes, bytes]) -> LoRAAdapter:
         start = time.perf_counter()
         adapter = parse_adapter(files[0], files[1], self.pool.shape, self.pool.max_rank)
-        self._host.put(ref.sha256, adapter)
+        self._host.put(key, adapter)
         self._count("host", loads=1, load_seconds=time.perf_counter() - start)
         return adapter

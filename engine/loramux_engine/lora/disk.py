@@ -1,7 +1,9 @@
-"""The local disk tier: adapters by sha256 under one directory, LRU-evicted to a byte budget.
+"""The local disk tier: adapters by cache key in one directory, LRU-evicted to a byte budget.
 
-Layout: <root>/<sha256>/{adapter_config.json, adapter_model.safetensors}. Fetches land in
-<root>/.staging/ and are renamed into place, so a reader never sees half an adapter.
+Layout: <root>/<key>/{adapter_config.json, adapter_model.safetensors}, where key is
+AdapterRef.cache_key: 64 hex characters derived from (namespace, sha256), never a path.
+Fetches land in <root>/.staging/ and are renamed into place, so a reader never sees half
+an adapter.
 Called from the cache's loader threads and, for `remove`, the engine thread.
 """
 
@@ -17,7 +19,14 @@ from pathlib import Path
 
 from loramux_engine.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
 
-_SHA256_DIR = re.compile(r"[0-9a-f]{64}")
+_KEY_DIR = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked(key: str) -> str:
+    # Keys come from AdapterRef.cache_key; this keeps any other string from naming a path.
+    if not _KEY_DIR.fullmatch(key):
+        raise ValueError("an adapter cache key must be 64 lowercase hex characters")
+    return key
 
 
 def _dir_bytes(path: Path) -> int:
@@ -36,7 +45,7 @@ class DiskTier:
         found = [
             path
             for path in root.iterdir()
-            if _SHA256_DIR.fullmatch(path.name)
+            if _KEY_DIR.fullmatch(path.name)
             and (path / CONFIG_NAME).is_file()
             and (path / WEIGHTS_NAME).is_file()
         ]
@@ -49,14 +58,14 @@ class DiskTier:
     def num_bytes(self) -> int:
         return sum(self._sizes.values())
 
-    def read(self, sha256: str) -> tuple[bytes, bytes] | None:
+    def read(self, key: str) -> tuple[bytes, bytes] | None:
         """The adapter's (config, weights) bytes, or None when it is not on disk."""
         # Read under the lock so a concurrent commit cannot evict the files mid-read.
         with self._lock:
-            if sha256 not in self._sizes:
+            if key not in self._sizes:
                 return None
-            self._sizes.move_to_end(sha256)
-            path = self.root / sha256
+            self._sizes.move_to_end(key)
+            path = self.root / key
             os.utime(path)
             return (path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes()
 
@@ -65,23 +74,23 @@ class DiskTier:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, sha256: str, staging: Path) -> None:
+    def commit(self, key: str, staging: Path) -> None:
         """Move a verified staging directory into place and evict down to the budget."""
-        target = self.root / sha256
+        target = self.root / _checked(key)
         with self._lock:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
-            self._sizes[sha256] = _dir_bytes(target)
-            self._sizes.move_to_end(sha256)
+            self._sizes[key] = _dir_bytes(target)
+            self._sizes.move_to_end(key)
             self._evict()
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
-    def remove(self, sha256: str) -> None:
+    def remove(self, key: str) -> None:
         with self._lock:
-            self._sizes.pop(sha256, None)
-            shutil.rmtree(self.root / sha256, ignore_errors=True)
+            self._sizes.pop(key, None)
+            shutil.rmtree(self.root / _checked(key), ignore_errors=True)
 
     def _evict(self) -> None:
         # An adapter larger than the whole budget goes too: it is served from memory.

@@ -1,6 +1,7 @@
 """The host memory tier: parsed adapters in an LRU bounded by their bytes.
 
-Shared by the loader thread (which fills it) and the engine thread (which reads it).
+Keyed by AdapterRef.cache_key. Shared by the loader thread (which fills it) and the engine
+thread (which reads it).
 """
 
 from __future__ import annotations
@@ -38,17 +39,17 @@ class HostTier:
     def num_bytes(self) -> int:
         return int(self._lru.currsize)
 
-    def get(self, sha256: str) -> LoRAAdapter | None:
+    def get(self, key: str) -> LoRAAdapter | None:
         with self._lock:
-            return self._lru.get(sha256)
+            return self._lru.get(key)
 
-    def put(self, sha256: str, adapter: LoRAAdapter) -> None:
+    def put(self, key: str, adapter: LoRAAdapter) -> None:
         # An adapter over the whole budget is not kept here; its load still completes.
         if adapter.num_bytes > self.budget_bytes:
             return
         with self._lock:
-            self._lru[sha256] = adapter
+            self._lru[key] = adapter
 
-    def pop(self, sha256: str) -> None:
+    def pop(self, key: str) -> None:
         with self._lock:
-            self._lru.pop(sha256, None)
+            self._lru.pop(key, None)

@@ -78,26 +78,59 @@ class LoRASlotPool:
             raise ValueError(f"slot must be in 1..{self.num_slots - 1}, got {slot}")
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Write an adapter into a slot, replacing whatever was there."""
+        """Write an adapter into a slot, replacing whatever was there.
+
+        Raises ValueError, before writing anything, when the adapter does not fit this
+        pool. Should a write fail part way, the slot is zeroed before the error goes on,
+        so the slot is as good as free and the invariant holds.
+        """
         self._check_slot(slot)
+        self._check_fits(adapter)
+        try:
+            for key, stack in self.stacks.items():
+                weights = adapter.weights.get(key)
+                rank = 0 if weights is None else weights.rank
+                self._zero_rows(stack, slot, rank)
+                if weights is not None:
+                    stack.a[slot, :rank].copy_(weights.a)
+                    stack.b_t[slot, :rank].copy_(weights.b.T)
+                stack.set_slot(slot, rank, 0.0 if weights is None else weights.scale)
+        except BaseException:
+            self._reset(slot)
+            raise
+
+    def _check_fits(self, adapter: LoRAAdapter) -> None:
         if adapter.config.max_rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.config.max_rank} > pool max {self.max_rank}")
         unknown = {projection for _, projection in adapter.weights} - set(self.projections)
         if unknown:
             raise ValueError(f"the pool holds no stacks for {sorted(unknown)}")
-        for key, stack in self.stacks.items():
-            weights = adapter.weights.get(key)
-            rank = 0 if weights is None else weights.rank
-            self._zero_rows(stack, slot, rank)
-            if weights is not None:
-                stack.a[slot, :rank].copy_(weights.a)
-                stack.b_t[slot, :rank].copy_(weights.b.T)
-            stack.set_slot(slot, rank, 0.0 if weights is None else weights.scale)
+        for (layer, projection), weights in adapter.weights.items():
+            if (layer, projection) not in self.stacks:
+                raise ValueError(f"the pool holds no layer {layer}")
+            in_features, out_features = self.shape.features(projection)
+            rank = weights.rank
+            if not 1 <= rank <= self.max_rank or (
+                tuple(weights.a.shape) != (rank, in_features)
+                or tuple(weights.b.shape) != (out_features, rank)
+            ):
+                raise ValueError(
+                    f"layer {layer} {projection}: A {list(weights.a.shape)} and B "
+                    f"{list(weights.b.shape)} do not fit this pool"
+                )
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for stack in self.stacks.values():
             self._zero_rows(stack, slot, 0)
+            stack.set_slot(slot, 0, 0.0)
+
+    def _reset(self, slot: int) -> None:
+        # Every row, not only those the ranks record: a failed write may have left rows
+        # that no rank covers.
+        for stack in self.stacks.values():
+            stack.a[slot].zero_()
+            stack.b_t[slot].zero_()
             stack.set_slot(slot, 0, 0.0)
 
     @staticmethod

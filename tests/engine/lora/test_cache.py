@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramux_engine.lora.adapter import WEIGHTS_NAME, parse_adapter
+from loramux_engine.engine.kv_cache import KVCacheManager
+from loramux_engine.engine.scheduler import Scheduler
+from loramux_engine.engine.sequence import Sequence
+from loramux_engine.lora.adapter import WEIGHTS_NAME, LoRAAdapter, LoRAWeights, parse_adapter
 from loramux_engine.lora.cache import AdapterCache
 from loramux_engine.lora.errors import (
     AdapterIntegrityError,
@@ -20,6 +23,7 @@ from loramux_engine.lora.errors import (
 from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.lora.source import DirectorySource
+from loramux_engine.sampling_params import SamplingParams
 from tests.engine.lora.adapters import (
     MAX_RANK,
     TINY,
@@ -252,3 +256,195 @@ def test_drop(make_cache: MakeCache, refs: list[AdapterRef]) -> None:
     assert not cache.pool.stack(0, "q_proj").a[slot].any()
     assert not (cache._disk.root / refs[0].sha256).exists()
     assert cache.stats()["host"]["bytes"] == 0
+
+
+# -- failed writes into the pool return their slot ------------------------------------
+
+
+def _narrow_cache(tmp_path: Path, source: CountingSource, num_slots: int = 3) -> AdapterCache:
+    """A cache whose pool holds only q_proj: an all-linear adapter cannot be written to it."""
+    pool = LoRASlotPool(TINY, num_slots=num_slots, max_rank=MAX_RANK, projections=["q_proj"])
+    return AdapterCache(
+        pool,
+        source,
+        host_budget_bytes=1 << 30,
+        disk_dir=tmp_path / "disk",
+        disk_budget_bytes=1 << 30,
+    )
+
+
+def test_failed_pool_writes_leave_every_slot_usable(
+    make_adapter: MakeAdapter, tmp_path: Path, source: CountingSource
+) -> None:
+    unfit, _ = make_adapter(r=4, target_modules="all-linear")
+    fit, _ = make_adapter(seed=1, r=4, target_modules=["q_proj"])
+    unfit_config, _ = read_files(unfit)
+    fit_config, _ = read_files(fit)
+    attacks = [
+        AdapterRef(f"attack-{i}", publish(source.root, unfit_config, w, "x").sha256, "attacker")
+        for i, w in enumerate(variant_weights(unfit, 1 + i / 16) for i in range(15))
+    ]
+    victims = [
+        AdapterRef(f"victim-{i}", publish(source.root, fit_config, w, "x").sha256, "victim")
+        for i, w in enumerate(variant_weights(fit, 1 + i) for i in range(2))
+    ]
+    cache = _narrow_cache(tmp_path, source)
+    try:
+        for ref in attacks:
+            error = wait_failure(cache, ref)
+            assert "attack-" in str(error) and "holds no stacks" in str(error)
+            with pytest.raises(AdapterLoadError, match="holds no stacks"):
+                cache.acquire(ref)  # its requests fail at admission, none waits forever
+        assert cache.stats()["device"]["free"] == 2 and cache.stats()["host"]["bytes"] == 0
+        slots = {wait_slot(cache, ref) for ref in victims}  # both pinned at once
+        assert slots == {1, 2}
+        for ref in victims:
+            assert cache.pool.stack(0, "q_proj").ranks[cache.acquire(ref) or 0] == 4
+    finally:
+        cache.close()
+
+
+def test_a_failed_host_hit_placement_returns_the_slot(
+    make_adapter: MakeAdapter, tmp_path: Path, source: CountingSource
+) -> None:
+    """The same failure on the acquire path (adapter already parsed on the host)."""
+    unfit, _ = make_adapter(r=4, target_modules="all-linear")
+    ref = publish(source.root, *read_files(unfit), "unfit")
+    cache = _narrow_cache(tmp_path, source, num_slots=2)
+    try:
+        cache._host.put(ref.cache_key, parse_adapter(*read_files(unfit), TINY, MAX_RANK))
+        with pytest.raises(AdapterLoadError, match="holds no stacks"):
+            cache.acquire(ref)
+        assert cache.stats()["device"]["free"] == 1 and cache.stats()["host"]["bytes"] == 0
+    finally:
+        cache.close()
+
+
+def test_a_write_failing_part_way_leaves_the_slot_zeroed(
+    make_adapter: MakeAdapter,
+) -> None:
+    pool = LoRASlotPool(TINY, num_slots=2, max_rank=MAX_RANK)
+    path, _ = make_adapter(r=16, target_modules="all-linear")
+    adapter = parse_adapter(*read_files(path), TINY, MAX_RANK)
+    pool.load(1, adapter)
+    # The last stack's A cannot be copied (no data on the meta device): earlier stacks
+    # have been written by then.
+    last = list(pool.stacks)[-1]
+    weights = dict(adapter.weights)
+    good = weights[last]
+    weights[last] = LoRAWeights(torch.empty(good.a.shape, device="meta"), good.b, good.scale)
+    broken = LoRAAdapter(config=adapter.config, weights=weights, num_bytes=adapter.num_bytes)
+    with pytest.raises(NotImplementedError):
+        pool.load(1, broken)
+    for stack in pool.stacks.values():
+        assert stack.ranks[1] == 0 and stack.scales[1] == 0.0
+        assert not stack.a[1].any() and not stack.b_t[1].any()
+    pool.load(1, adapter)
+    assert torch.equal(pool.stack(*last).a[1, :16], good.a)
+
+
+def test_scheduler_fails_requests_of_unwritable_adapters_and_keeps_admitting(
+    make_adapter: MakeAdapter, tmp_path: Path, source: CountingSource
+) -> None:
+    unfit, _ = make_adapter(r=4, target_modules="all-linear")
+    fit, _ = make_adapter(seed=1, r=4, target_modules=["q_proj"])
+    attacks = [
+        AdapterRef(f"attack-{i}", publish(source.root, *read_files(unfit), "x").sha256, "a")
+        for i in range(15)  # one adapter, fifteen versions of it
+    ]
+    victim = AdapterRef("victim", publish(source.root, *read_files(fit), "x").sha256, "b")
+    cache = _narrow_cache(tmp_path, source)
+    kv_cache = KVCacheManager(64)
+    scheduler = Scheduler(
+        max_num_seqs=4, max_num_batched_tokens=64, kv_cache=kv_cache, adapters=cache
+    )
+
+    def seq(request_id: str, ref: AdapterRef, key: str) -> Sequence:
+        return Sequence(request_id, [1, 2, 3], SamplingParams(), 8, key, 0, ref)
+
+    try:
+        for i, ref in enumerate(attacks):
+            scheduler.add(seq(f"attack-{i}", ref, "a"))
+        for _ in range(10_000):
+            cache.poll()
+            assert scheduler.schedule() == []
+            if len(scheduler.failed) == len(attacks):
+                break
+            time.sleep(0.001)
+        assert all(isinstance(s.error, AdapterLoadError) for s in scheduler.failed)
+        assert not scheduler.has_unfinished() and kv_cache.num_used_rows == 0
+        assert cache.stats()["device"]["pinned"] == 0 and cache.stats()["device"]["free"] == 2
+
+        victims = [seq(f"victim-{i}", victim, "b") for i in range(2)]
+        for s in victims:
+            scheduler.add(s)
+        for _ in range(10_000):
+            cache.poll()
+            if scheduler.schedule():
+                break
+            time.sleep(0.001)
+        assert [s.adapter_slot for s in victims] == [1, 1]
+        assert cache.stats()["device"]["pinned"] == 1
+        for s in victims:
+            scheduler.finish(s, "stop")
+        assert cache.stats()["device"]["pinned"] == 0 and kv_cache.num_used_rows == 0
+    finally:
+        cache.close()
+
+
+# -- namespaces: no cross-tenant hits, scoped drops ------------------------------------
+
+
+def test_same_bytes_in_two_namespaces_are_two_entries(
+    make_cache: MakeCache, refs: list[AdapterRef], source: CountingSource
+) -> None:
+    cache = make_cache()
+    mine = AdapterRef("a-v1", refs[0].sha256, "tenant-a")
+    theirs = AdapterRef("b-v1", refs[0].sha256, "tenant-b")
+    also_mine = AdapterRef("a-v2", refs[0].sha256, "tenant-a")
+    slot = wait_slot(cache, mine)
+    assert cache.acquire(also_mine) == slot  # a namespace shares its own identical bytes
+    assert not cache.is_ready(theirs) and cache.acquire(theirs) is None  # no warm hit
+    assert cache.stats()["host"]["hits"] == 0
+    assert wait_slot(cache, theirs) != slot
+    assert source.fetched == [refs[0].sha256] * 2  # loaded cold, as if never seen
+    for ref in (mine, also_mine, theirs):
+        cache.release(ref)
+
+    cache.drop(theirs)  # B's delete leaves A's adapter in every tier
+    assert cache.is_ready(mine) and not cache.is_ready(theirs)
+    assert (cache._disk.root / mine.cache_key).is_dir()
+    assert not (cache._disk.root / theirs.cache_key).exists()
+    assert cache._host.get(mine.cache_key) is not None
+    assert cache._host.get(theirs.cache_key) is None
+
+
+def test_cache_keys_are_hex_whatever_the_namespace(refs: list[AdapterRef]) -> None:
+    sha = refs[0].sha256
+    keys = {
+        AdapterRef("v", sha, namespace).cache_key
+        for namespace in ("tenant-a", "tenant-b", "../../etc", "a\0b", "é" * 256)
+    }
+    assert len(keys) == 5 and all(len(k) == 64 and int(k, 16) >= 0 for k in keys)
+    assert AdapterRef("v", sha).cache_key == sha  # the namespace-less layout is kept
+    with pytest.raises(ValueError, match="namespace"):
+        AdapterRef("v", sha, "x" * 257)
+
+
+def test_drop_during_a_load_leaves_nothing_behind(
+    make_cache: MakeCache, refs: list[AdapterRef], source: CountingSource
+) -> None:
+    cache = make_cache()
+    gate = source.gates[refs[0].sha256] = threading.Event()
+    assert cache.acquire(refs[0]) is None
+    cache.drop(refs[0])
+    gate.set()
+    wait_slot(cache, refs[1])  # polls until after the dropped load has finished
+    for _ in range(10_000):
+        if not cache._orphans:
+            break
+        cache.poll()
+        time.sleep(0.001)
+    assert not cache.is_ready(refs[0])
+    assert cache._host.get(refs[0].cache_key) is None
+    assert not (cache._disk.root / refs[0].cache_key).exists()
