@@ -29,3 +29,22 @@ class ModelLoadError(ValueError):
 
 class AdapterRequestError(ValueError):
     """A request names an adapter this engine cannot serve (no adapter source configured)."""
+
+
+class SequenceFailedError(RuntimeError):
+    """One sequence failed in a step that went on for every other sequence.
+
+    It finishes with reason "error"; the rest of its batch gets the tokens it would
+    have got without it.
+    """
+
+    @classmethod
+    def caused_by(cls, cause: Exception, failed_to: str) -> SequenceFailedError:
+        """The error for a request whose own work raised ``cause`` (kept as its __cause__)."""
+        error = cls(f"the engine failed to {failed_to} ({type(cause).__name__})")
+        error.__cause__ = cause
+        return error
+
+
+class NonFiniteLogitsError(SequenceFailedError):
+    """The sequence's logits held NaN or infinities (e.g. its adapter's weights overflowed)."""

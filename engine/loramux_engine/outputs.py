@@ -16,7 +16,9 @@ class RequestOutput:
     # One entry per new token when logprobs were asked for.
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
-    error: Exception | None = None  # with finish_reason "error": why (e.g. AdapterLoadError)
+    # With finish_reason "error": why, e.g. AdapterLoadError, or SequenceFailedError (such as
+    # NonFiniteLogitsError) for a request that failed in a step the others went on with.
+    error: Exception | None = None
 
     @property
     def finished(self) -> bool:

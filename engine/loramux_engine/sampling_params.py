@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loramux_engine.errors import InvalidSamplingParamsError
 
 MAX_TOP_LOGPROBS = 20
+# Below this a temperature samples greedily (vLLM's _SAMPLING_EPS): dividing logits by a
+# temperature near zero only sharpens the distribution onto its argmax, and by one small
+# enough (1e-45) overflows them.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass(slots=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # below MIN_SAMPLING_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = all tokens
     seed: int | None = None  # None: drawn from the engine's own generator
@@ -25,9 +30,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise InvalidSamplingParamsError("temperature must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InvalidSamplingParamsError("temperature must be a finite number >= 0")
+        if not 0.0 < self.top_p <= 1.0:  # refuses NaN and infinities too
             raise InvalidSamplingParamsError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise InvalidSamplingParamsError("top_k must be >= 0 (0 disables it)")
@@ -48,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     @property
     def num_top_logprobs(self) -> int:

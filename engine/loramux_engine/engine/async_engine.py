@@ -166,11 +166,14 @@ class AsyncLLMEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:
+                # A request's own failure (its logits, its sampling, its adapter) never
+                # gets here: the step isolates it. This is the engine's, so every request's.
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(e)
                 continue
             for out in outputs:
-                # a request that failed on its own (its adapter did not load) raises its error
+                # a request that failed on its own (its adapter did not load, its logits
+                # were not finite) raises its error to its own stream only
                 self._deliver(out.request_id, out.error or out)
             self._stats = self.engine.stats()
 

@@ -6,6 +6,7 @@ Not thread-safe: one thread calls ``add_request``/``step``/``abort``
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
@@ -20,12 +21,20 @@ from loramux_engine.engine.kv_cache import KVCacheManager
 from loramux_engine.engine.model_runner import ModelRunner
 from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
-from loramux_engine.errors import EngineConfigError, InvalidSamplingParamsError, PromptTooLongError
+from loramux_engine.engine.step_isolation import run_isolated
+from loramux_engine.errors import (
+    EngineConfigError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    SequenceFailedError,
+)
 from loramux_engine.layers.sampler import SampledToken
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.models.config import load_model_args
 from loramux_engine.outputs import EngineStats, RequestOutput
 from loramux_engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _RATE_WINDOW_S = 10.0
 _IDLE_LOAD_WAIT_S = 0.05
@@ -185,15 +194,37 @@ class LLMEngine:
             max(0, min(s.num_prompt_tokens - s.num_computed_tokens, s.num_scheduled_tokens))
             for s in seqs
         )
-        sampled = self.runner.run(seqs)
-        self.scheduler.postprocess(seqs, [r.token_id if r else None for r in sampled])
+        sampled = run_isolated(self.runner.run, seqs)
+        self.scheduler.postprocess(
+            seqs, [r.token_id if r is not None and r.error is None else None for r in sampled]
+        )
         num_generated = 0
         for seq, result in zip(seqs, sampled, strict=True):
-            if result is not None:
-                num_generated += 1
-                outputs.append(self._advance(seq, result))
+            if result is None:
+                continue
+            if result.error is not None:
+                outputs.append(self._fail(seq, result.error))
+                continue
+            try:
+                output = self._advance(seq, result)
+            except Exception as error:  # e.g. its detokenizer: that request's failure alone
+                logger.warning("request %s failed after its step", seq.request_id, exc_info=True)
+                output = self._fail(
+                    seq, SequenceFailedError.caused_by(error, "process this request's token")
+                )
+            num_generated += 1
+            outputs.append(output)
         self._record(num_tokens, num_prompt, num_generated)
         return outputs
+
+    def _fail(self, seq: Sequence, error: SequenceFailedError) -> RequestOutput:
+        """Finish one sequence with reason "error"; the scheduler frees what it held."""
+        seq.error = error
+        self.scheduler.finish(seq, "error")
+        seq.finish_reason = "error"  # also when it had just finished otherwise, then failed
+        output = self._output(seq, [])
+        self._forget(seq)
+        return output
 
     def _advance(self, seq: Sequence, result: SampledToken) -> RequestOutput:
         token_id, params = result.token_id, seq.params

@@ -112,7 +112,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> list[SampledToken | None]:
-        """One forward over the scheduled tokens; a token for each sequence that reached its end."""
+        """One forward over the scheduled tokens; a token for each sequence that reached its end.
+
+        A row whose logits are not finite gets ``SampledToken.failed`` instead; anything
+        that raises is the caller's to isolate (``step_isolation``).
+        """
         ends = [s.num_computed_tokens + s.num_scheduled_tokens == len(s) for s in seqs]
         input_ids, positions, sample_rows = self._prepare(seqs)
         try:

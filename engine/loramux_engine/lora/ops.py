@@ -291,8 +291,10 @@ def bmm(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatch) ->
         return
     xg = x.index_select(0, g.index).view(g.num_slots, g.width, -1)  # [slots, width, in]
     h = torch.bmm(xg, a_t)  # [slots, width, rank]
-    h.mul_(scale * g.mask)
-    delta = torch.bmm(h, b_t)  # [slots, width, out]
+    h.mul_(scale)
+    # Pads read row 0, another request's token: times a hostile slot's huge weights their
+    # h is inf, and inf * 0 is NaN, so pads are zeroed in the delta, not multiplied by 0.
+    delta = torch.bmm(h, b_t).masked_fill_(g.mask == 0, 0.0)  # [slots, width, out]
     y.index_add_(0, g.index, delta.view(g.num_slots * g.width, -1))
 
 

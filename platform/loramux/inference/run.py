@@ -26,7 +26,7 @@ from loramux.limits import Admission, Limits
 from loramux.resolve import ResolvedModel, resolve_model
 from loramux.state import AppState
 from loramux.usage import check_monthly_quota, record_usage
-from loramux_engine.errors import PromptTooLongError
+from loramux_engine.errors import NonFiniteLogitsError, PromptTooLongError, SequenceFailedError
 from loramux_engine.lora.errors import AdapterLoadError
 from loramux_engine.outputs import RequestOutput
 
@@ -113,7 +113,11 @@ class Generation:
                 if item is None:
                     remaining -= 1
                     continue
-                if isinstance(item, AdapterLoadError) or (
+                if isinstance(item, NonFiniteLogitsError):  # its own adapter or numbers
+                    raise InvalidRequest(
+                        f"This request could not be completed: {item}", code="non_finite_logits"
+                    ) from item
+                if isinstance(item, AdapterLoadError | SequenceFailedError) or (
                     isinstance(item, RequestOutput) and item.finish_reason == "error"
                 ):
                     # e.g. the adapter's blobs could not be fetched or failed their sha256
