@@ -54,7 +54,7 @@ class RemoteEngineClient:
             "params": _params(params),
             "fairness_key": fairness_key,
             "priority": priority,
-            "adapter": {"id": adapter.id, "sha256": adapter.sha256} if adapter else None,
+            "adapter": _ref_json(adapter) if adapter else None,
         }
         timeout = httpx.Timeout(30, read=None)
         async with (
@@ -89,7 +89,7 @@ class RemoteEngineClient:
     def drop_adapter(self, ref: AdapterRef) -> None:
         response = httpx.post(
             f"{self.base_url}/internal/engine/drop-adapter",
-            json={"id": ref.id, "sha256": ref.sha256},
+            json=_ref_json(ref),
             headers=self._headers,
             timeout=30,
         )
@@ -107,6 +107,11 @@ class RemoteEngineClient:
 
     def shutdown(self) -> None:
         pass
+
+
+def _ref_json(ref: AdapterRef) -> dict[str, str]:
+    """What loramux.api.engine reads back into the same AdapterRef."""
+    return {"id": ref.id, "sha256": ref.sha256, "namespace": ref.namespace}
 
 
 def _params(params: SamplingParams) -> dict[str, Any]:

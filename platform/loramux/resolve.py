@@ -64,7 +64,10 @@ def resolve_model(
                 raise model_not_found(model)
             _require_ready(model, latest)  # raises: no version is ready
             raise AssertionError("unreachable")
-    return ResolvedModel(model, AdapterRef(version.id, version.sha256), version.id)
+    # The tenant is the ref's namespace: the engine's cache never shares an adapter (or
+    # tells that it holds one) across tenants, even for identical bytes.
+    ref = AdapterRef(version.id, version.sha256, namespace=tenant_id)
+    return ResolvedModel(model, ref, version.id)
 
 
 def _require_ready(model: str, version: AdapterVersion) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -20,6 +21,8 @@ from loramux.adapters.config_check import MAX_CONFIG_BYTES
 from loramux.adapters.idempotency import HEADER as IDEMPOTENCY_HEADER
 from loramux.adapters.uploads import AdapterUploads
 from loramux.api.common import json_object, state, tenant_principal
+from loramux.db.models import Adapter, AdapterVersion
+from loramux.db.scoped import scoped
 from loramux.db.session import transaction
 from loramux.errors import InvalidRequest
 from loramux.jobs.queue import job_queue
@@ -195,6 +198,32 @@ async def list_versions(request: Request) -> JSONResponse:
     return JSONResponse(_page(await run_in_threadpool(run)))
 
 
+def _refs_to_drop(
+    session: Session, tenant_id: str, versions: list[AdapterVersion]
+) -> list[AdapterRef]:
+    """The engine entries a delete frees: one per content no other live version still uses.
+
+    The engine keys its cache by (tenant, sha256), so another adapter of the same tenant
+    with identical bytes shares the entry and keeps it; other tenants never share it.
+    """
+    shas = {version.sha256 for version in versions}
+    still_used = set(
+        session.scalars(
+            scoped(AdapterVersion, tenant_id)
+            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+            .where(Adapter.deleted_at.is_(None), AdapterVersion.sha256.in_(shas))
+            .with_only_columns(AdapterVersion.sha256)
+        )
+    )
+    refs: dict[str, AdapterRef] = {}
+    for version in versions:
+        if version.sha256 not in still_used:
+            refs.setdefault(
+                version.sha256, AdapterRef(version.id, version.sha256, namespace=tenant_id)
+            )
+    return list(refs.values())
+
+
 async def delete_adapter(request: Request) -> JSONResponse:
     tenant_id, actor = _tenant(request, "adapters:write")
     app_state = state(request)
@@ -205,7 +234,7 @@ async def delete_adapter(request: Request) -> JSONResponse:
                 session, tenant_id, request.path_params["name"], actor=actor
             )
             view = {"id": adapter.id, "object": "adapter", "name": adapter.name, "deleted": True}
-            return view, [AdapterRef(v.id, v.sha256) for v in versions]
+            return view, _refs_to_drop(session, tenant_id, versions)
 
     view, refs = await run_in_threadpool(run)
     if app_state.engine is not None:

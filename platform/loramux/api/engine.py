@@ -35,12 +35,18 @@ def _engine(request: Request) -> EngineClient:
 
 
 def _adapter(value: Any) -> AdapterRef | None:
+    """An AdapterRef from its JSON, ``{"id", "sha256", "namespace"}`` (remote_engine's)."""
     if value is None:
         return None
     try:
-        return AdapterRef(str(value["id"]), str(value["sha256"]))
-    except (KeyError, TypeError, ValueError) as error:
-        raise InvalidRequest(f"adapter must be {{id, sha256}}: {error}", param="adapter") from error
+        namespace = value.get("namespace", "")
+        if not isinstance(namespace, str):
+            raise TypeError("namespace must be a string")
+        return AdapterRef(str(value["id"]), str(value["sha256"]), namespace)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise InvalidRequest(
+            f"adapter must be {{id, sha256, namespace}}: {error}", param="adapter"
+        ) from error
 
 
 async def generate(request: Request) -> Response:

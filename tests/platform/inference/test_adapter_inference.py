@@ -65,7 +65,7 @@ def test_adapter_completion_equals_the_engines_output_for_it(  # type: ignore[no
         )
         session.add(version)
         session.commit()
-        ref = AdapterRef(version.id, sha)
+        ref = AdapterRef(version.id, sha, namespace=tenant["id"])  # as resolve_model names it
 
     prompt = "Hello there, adapter"
     got = _completion(client, key, "bot", prompt)
