@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,8 +11,9 @@ from sqlalchemy.orm import Session
 
 from loramux.audit import record
 from loramux.auth.keys import TENANT_DEFAULT_SCOPES, generate_key, invalid_scopes
-from loramux.db.models import NAME_MAX, ApiKey, Tenant
+from loramux.db.models import ApiKey, Tenant
 from loramux.errors import Conflict, InvalidRequest, NotFound
+from loramux.names import name_problem
 
 QUOTA_FIELDS = (
     "requests_per_minute",
@@ -24,20 +24,12 @@ QUOTA_FIELDS = (
     "max_storage_bytes",
 )
 TENANT_STATUSES = ("active", "suspended")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def validate_name(name: str, *, param: str = "name") -> str:
-    if not isinstance(name, str) or not name:
-        raise InvalidRequest("name must be a non-empty string", param=param)
-    if len(name) > NAME_MAX:
-        raise InvalidRequest(f"name is longer than {NAME_MAX} characters", param=param)
-    if not _NAME_RE.match(name):
-        raise InvalidRequest(
-            "name may hold letters, digits, '_', '-' and '.', and must start with a letter "
-            "or digit",
-            param=param,
-        )
+    problem = name_problem(name)
+    if problem is not None:
+        raise InvalidRequest(problem, param=param)
     return name
 
 

@@ -194,7 +194,7 @@ def test_cli_create_wait_and_get(batch_stack, worker, tmp_path) -> None:  # type
         env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
-    assert "[" + "#" * 30 + "] 3/3" in created.stderr
+    assert ": 100% 3/3 requests (3 completed, 0 failed) completed" in created.stderr
     batch = json.loads(created.stdout)
     assert batch["status"] == "completed"
     assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == [

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from loramux.app import build_state, create_app
 from loramux.settings import Settings
 from tests.platform.adapters.crafted import PICKLE_BYTES, altered_weights
 from tests.platform.adapters.helpers import CONFIG, WEIGHTS, bearer
+from tests.platform.cli_runner import assert_fails_in_one_line, loramux, tenant_env
+from tests.platform.live_server import serve
 
 CLI_TIMEOUT_S = 120
 
@@ -26,33 +23,12 @@ CLI_TIMEOUT_S = 120
 @pytest.fixture
 def live_url(settings: Settings) -> Iterator[str]:
     """The app served by uvicorn on a free port, in a thread."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app = create_app(settings, app_state=build_state(settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        thread.join(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(create_app(settings, app_state=build_state(settings))) as url:
+        yield url
 
 
 def run_push(url: str, secret: str, directory: Path, name: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMUX_")}
-    env.update(LORAMUX_BASE_URL=url, LORAMUX_API_KEY=secret)
-    command = [sys.executable, "-m", "loramux.cli", "adapters", "push", str(directory)]
-    return subprocess.run(
-        [*command, "--name", name],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-    )
+    return loramux(["adapters", "push", str(directory), "--name", name], tenant_env(url, secret))
 
 
 def test_push_uploads_shows_progress_and_waits_for_ready(  # type: ignore[no-untyped-def]
@@ -61,7 +37,8 @@ def test_push_uploads_shows_progress_and_waits_for_ready(  # type: ignore[no-unt
     _, secret = make_tenant("acme")
     result = run_push(live_url, secret, peft_adapter_dir, "cli-bot")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "100%" in result.stderr and "pushing cli-bot" in result.stderr
+    assert "pushing cli-bot: 100%" in result.stderr
+    assert "\r" not in result.stderr  # not a terminal: plain lines, no bar redrawn in place
     assert "uploaded cli-bot version 1" in result.stdout
     assert "ready: use model='cli-bot'" in result.stdout
     shown = client.get("/v1/adapters/cli-bot", headers=bearer(secret)).json()
@@ -104,3 +81,47 @@ def test_curl_upload_as_in_the_readme(  # type: ignore[no-untyped-def]
     body = json.loads(result.stdout)
     assert (body["name"], body["status"]) == ("curl-bot", "validating"), body
     assert wait_validated(body["version_id"]).status == "ready"
+
+
+def test_a_base_url_ending_in_v1_and_the_list_get_delete_commands(  # type: ignore[no-untyped-def]
+    live_url, make_tenant, peft_adapter_dir
+) -> None:
+    _, secret = make_tenant("acme")
+    pushed = run_push(f"{live_url}/v1/", secret, peft_adapter_dir, "v1-bot")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    env = tenant_env(f"{live_url}/v1", secret)
+    again = run_push(f"{live_url}/v1", secret, peft_adapter_dir, "v1-bot")
+    assert "v1-bot exists (version 1); pushing a new version" in again.stderr
+    assert "uploaded v1-bot version 2" in again.stdout
+
+    table = loramux(["adapters", "list"], env).stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "VERSION", "STATUS", "SERVING"]
+    assert table[1].split()[:4] == ["v1-bot", "2", "ready", "2"]
+    listed = json.loads(loramux(["adapters", "list", "--json"], env).stdout)
+    assert listed["object"] == "list" and [a["name"] for a in listed["data"]] == ["v1-bot"]
+    shown = loramux(["adapters", "get", "v1-bot"], env).stdout
+    assert "serving: version 2" in shown and "VERSION  STATUS" in shown
+    got = json.loads(loramux(["adapters", "get", "v1-bot", "--json"], env).stdout)
+    assert got["name"] == "v1-bot" and [v["version"] for v in got["versions"]] == [1, 2]
+
+    deleted = loramux(["adapters", "delete", "v1-bot"], env)
+    assert deleted.returncode == 0 and "deleted adapter v1-bot" in deleted.stdout
+    gone = loramux(["adapters", "get", "v1-bot"], env)
+    assert_fails_in_one_line(gone, f"GET {live_url}/v1/adapters/v1-bot answered 404")
+
+
+def test_push_checks_the_key_the_url_and_the_name_before_sending_weights(  # type: ignore[no-untyped-def]
+    live_url, make_tenant, peft_adapter_dir
+) -> None:
+    _, secret = make_tenant("acme")
+    bad_key = run_push(live_url, "lmx_not-a-real-key-0000000000", peft_adapter_dir, "bot")
+    assert_fails_in_one_line(bad_key, f"{live_url}/v1/adapters/bot answered 401")
+    not_the_api = run_push(f"{live_url}/api", secret, peft_adapter_dir, "bot")
+    assert_fails_in_one_line(not_the_api, "answered 404 Not Found, not loramux's API")
+    # Nothing listens on port 1: the name is refused before any connection is tried.
+    bad_name = run_push("http://127.0.0.1:1", secret, peft_adapter_dir, "my bot!")
+    assert_fails_in_one_line(bad_name, "adapter name 'my bot!': name may hold letters")
+    unreachable = run_push("http://127.0.0.1:1", secret, peft_adapter_dir, "bot")
+    assert_fails_in_one_line(unreachable, "cannot reach http://127.0.0.1:1/v1/adapters/bot")
+    for result in (bad_key, not_the_api, bad_name, unreachable):
+        assert "pushing" not in result.stderr  # the upload never started
