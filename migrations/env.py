@@ -6,6 +6,7 @@ from alembic import context
 
 from loramux.db.models import Base
 from loramux.db.session import make_engine
+from loramux.db.types import render_item
 from loramux.settings import get_settings
 
 config = context.config
@@ -18,7 +19,11 @@ def _url() -> str:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=_url(), target_metadata=target_metadata, literal_binds=True, compare_type=True
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        compare_type=True,
+        render_item=render_item,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -40,6 +45,7 @@ def _run(connection: object) -> None:
         connection=connection,  # type: ignore[arg-type]
         target_metadata=target_metadata,
         compare_type=True,
+        render_item=render_item,
         render_as_batch=True,  # SQLite alters tables by copying them
     )
     with context.begin_transaction():

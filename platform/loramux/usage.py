@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Date, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from loramux.db.models import Adapter, AdapterVersion, Tenant, UsageRecord
+from loramux.db.types import utc_date
 from loramux.errors import QuotaExceeded
 
 
@@ -50,8 +51,8 @@ def record_usage(session: Session, **fields: Any) -> bool:
 
 
 def usage_by_day(session: Session, tenant_id: str, start: date, end: date) -> list[dict[str, Any]]:
-    """The tenant's totals per day and adapter (the base model as null), start <= day < end."""
-    day = cast(UsageRecord.created_at, Date)
+    """The tenant's totals per UTC day and adapter (the base model as null), start <= day < end."""
+    day = utc_date(UsageRecord.created_at)
     rows = session.execute(
         select(
             day.label("day"),
@@ -67,7 +68,8 @@ def usage_by_day(session: Session, tenant_id: str, start: date, end: date) -> li
         .where(UsageRecord.created_at >= datetime.combine(start, datetime.min.time(), UTC))
         .where(UsageRecord.created_at < datetime.combine(end, datetime.min.time(), UTC))
         .group_by(day, Adapter.name, AdapterVersion.version)
-        .order_by(day, Adapter.name, AdapterVersion.version)
+        # NULLs sort last on PostgreSQL and first on SQLite unless told: the base model first.
+        .order_by(day, Adapter.name.nulls_first(), AdapterVersion.version)
     ).all()
     return [
         {

@@ -1,4 +1,5 @@
-"""An app on the real PostgreSQL registry, with an admin key and tenant helpers."""
+"""An app on the registry under test (PostgreSQL, or SQLite too where a test asks for both),
+with an admin key and tenant helpers."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ ADMIN_KEY = "lmx_test-admin-key-0123456789abcdef"
 
 
 @pytest.fixture
-def settings(pg_database: str, db: sessionmaker[Session], tmp_path: Path) -> Settings:
+def settings(registry_url: str, db: sessionmaker[Session], tmp_path: Path) -> Settings:
     return Settings(
         home=tmp_path / "home",
-        database_url=pg_database,
+        database_url=registry_url,
         storage_url=(tmp_path / "storage").as_uri(),
         admin_key=ADMIN_KEY,
         max_body_bytes=64 * 1024,

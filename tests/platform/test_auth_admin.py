@@ -1,4 +1,4 @@
-"""API keys, scopes, the admin API, and the audit log, on a real PostgreSQL registry."""
+"""API keys, scopes, the admin API, and the audit log, on PostgreSQL and on SQLite."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from loramux.db.models import ApiKey, AuditLog, Tenant
+from tests.fixtures.services import both_registries
 from tests.platform.conftest import ADMIN_KEY, admin_headers
+
+pytestmark = both_registries
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -1,29 +1,91 @@
-"""Registry commands run straight against the database: db, tenants, keys."""
+"""Registry commands run straight against the database: db, tenants, keys.
+
+The embedded SQLite registry (no ``LORAMUX_DATABASE_URL``) migrates itself on first use,
+as ``loramux serve`` does, so a fresh home works at once. A configured registry is never
+migrated behind the operator's back: if it is behind, the command says to run
+``loramux db upgrade``. Every failure is one line on stderr and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from alembic.util import CommandError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from loramux import tenancy
-from loramux.db.migrate import upgrade
+from loramux.db.migrate import is_current, upgrade
 from loramux.db.session import make_engine, make_session_factory, transaction
 from loramux.errors import APIError
 from loramux.settings import get_settings
 
 ACTOR = "cli"
 
-
-def _sessions():  # type: ignore[no-untyped-def]
-    return make_session_factory(make_engine(get_settings().resolved_database_url))
+Command = Callable[[argparse.Namespace], int]
 
 
-def _fail(error: APIError) -> int:
-    print(f"error: {error.message}", file=sys.stderr)
-    return 1
+class RegistryNotReady(Exception):
+    """The registry cannot be used as it is; the message says what to run."""
 
 
+def _shown_url() -> str:
+    return make_url(get_settings().resolved_database_url).render_as_string(hide_password=True)
+
+
+def _first_line(error: Exception) -> str:
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig else error
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+def _one_line_errors(command: Command) -> Command:
+    """Turn the registry's failures into one line naming the fix, never a traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except APIError as error:
+            message = error.message
+        except RegistryNotReady as error:
+            message = str(error)
+        except (SQLAlchemyError, CommandError) as error:
+            message = f"cannot use the registry at {_shown_url()}: {_first_line(error)}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+@contextmanager
+def _registry() -> Iterator[sessionmaker[Session]]:
+    """Sessions on a registry at the newest schema; the embedded one is migrated here."""
+    settings = get_settings()
+    embedded = settings.database_url is None
+    if embedded:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        if not is_current(engine):
+            if not embedded:
+                raise RegistryNotReady(
+                    f"the registry at {_shown_url()} is not migrated to this loramux's schema; "
+                    "run `loramux db upgrade` first"
+                )
+            upgrade(settings.resolved_database_url)
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@_one_line_errors
 def db_upgrade(_args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -32,26 +94,22 @@ def db_upgrade(_args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors
 def tenants_create(args: argparse.Namespace) -> int:
-    try:
-        with transaction(_sessions()) as session:
-            view = tenancy.tenant_view(tenancy.create_tenant(session, args.name, {}, actor=ACTOR))
-    except APIError as error:
-        return _fail(error)
+    with _registry() as sessions, transaction(sessions) as session:
+        view = tenancy.tenant_view(tenancy.create_tenant(session, args.name, {}, actor=ACTOR))
     print(json.dumps(view) if args.json else f"created tenant {view['name']} ({view['id']})")
     return 0
 
 
+@_one_line_errors
 def keys_create(args: argparse.Namespace) -> int:
-    try:
-        with transaction(_sessions()) as session:
-            tenant = tenancy.get_tenant(session, args.tenant)
-            key, secret = tenancy.create_key(
-                session, tenant, name=args.name, scopes=args.scopes, actor=ACTOR
-            )
-            view = {**tenancy.key_view(key), "key": secret}
-    except APIError as error:
-        return _fail(error)
+    with _registry() as sessions, transaction(sessions) as session:
+        tenant = tenancy.get_tenant(session, args.tenant)
+        key, secret = tenancy.create_key(
+            session, tenant, name=args.name, scopes=args.scopes, actor=ACTOR
+        )
+        view = {**tenancy.key_view(key), "key": secret}
     if args.json:
         print(json.dumps(view))
     else:
@@ -61,11 +119,9 @@ def keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors
 def keys_revoke(args: argparse.Namespace) -> int:
-    try:
-        with transaction(_sessions()) as session:
-            key = tenancy.revoke_key(session, args.id, actor=ACTOR)
-    except APIError as error:
-        return _fail(error)
+    with _registry() as sessions, transaction(sessions) as session:
+        key = tenancy.revoke_key(session, args.id, actor=ACTOR)
     print(f"revoked key {key.id}")
     return 0

@@ -1,4 +1,7 @@
-"""Registry tables. The schema changes only through an Alembic migration."""
+"""Registry tables. The schema changes only through an Alembic migration.
+
+Every timestamp is a ``UTCDateTime``: aware UTC in Python on PostgreSQL and SQLite alike.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -20,6 +22,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from loramux.db.types import UTCDateTime, utc_now
 
 NAME_MAX = 64
 
@@ -32,8 +36,10 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
 
 
-def _created() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), server_default=func.now())
+def _stamped(**kwargs: Any) -> Mapped[datetime]:
+    """A timestamp set when the row is written. ``server_default`` serves raw SQL only; the
+    app's inserts stamp ``utc_now()``, the one text form SQLite compares correctly."""
+    return mapped_column(UTCDateTime(), default=utc_now(), server_default=func.now(), **kwargs)
 
 
 class Tenant(Base):
@@ -48,10 +54,8 @@ class Tenant(Base):
     monthly_token_quota: Mapped[int | None] = mapped_column(BigInteger)
     max_adapters: Mapped[int | None] = mapped_column(Integer)
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = _created()
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
-    )
+    created_at: Mapped[datetime] = _stamped()
+    updated_at: Mapped[datetime] = _stamped(onupdate=utc_now())
 
 
 class ApiKey(Base):
@@ -67,10 +71,10 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16), index=True)
     secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = _created()
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _stamped()
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class BaseModel(Base):
@@ -80,7 +84,7 @@ class BaseModel(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     architecture: Mapped[str] = mapped_column(String(64))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = _created()
+    created_at: Mapped[datetime] = _stamped()
 
 
 class Adapter(Base):
@@ -101,8 +105,8 @@ class Adapter(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX))
     base_model_id: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = _created()
-    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _stamped()
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class AdapterVersion(Base):
@@ -126,8 +130,8 @@ class AdapterVersion(Base):
     weights_key: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), server_default="uploading")
     reason: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = _created()
-    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _stamped()
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class AdapterUpload(Base):
@@ -151,8 +155,8 @@ class AdapterUpload(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     staging_key: Mapped[str | None] = mapped_column(String(255))
     version_id: Mapped[str | None] = mapped_column(String(40))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = _stamped()
 
 
 class File(Base):
@@ -169,8 +173,8 @@ class File(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     line_count: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), server_default="processed")
-    created_at: Mapped[datetime] = _created()
-    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _stamped()
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Batch(Base):
@@ -192,19 +196,19 @@ class Batch(Base):
     failed: Mapped[int] = mapped_column(Integer, server_default="0")
     batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = _created()
-    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _stamped()
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The worker running the batch renews this lease; a run finding another's live lease
     # leaves the batch alone, and an expired one means its worker died.
     lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class BatchLine(Base):
@@ -227,7 +231,7 @@ class BatchLine(Base):
     request_id: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = _created()
+    created_at: Mapped[datetime] = _stamped()
 
 
 class UsageRecord(Base):
@@ -246,9 +250,7 @@ class UsageRecord(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
     latency_ms: Mapped[int] = mapped_column(Integer, server_default="0")
     status: Mapped[str] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
-    )
+    created_at: Mapped[datetime] = _stamped(index=True)
 
 
 class AuditLog(Base):
@@ -263,9 +265,7 @@ class AuditLog(Base):
     target_id: Mapped[str | None] = mapped_column(String(64))
     tenant_id: Mapped[str | None] = mapped_column(String(40), index=True)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
-    )
+    created_at: Mapped[datetime] = _stamped(index=True)
 
 
 class IdempotencyKey(Base):
@@ -280,7 +280,7 @@ class IdempotencyKey(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = _created()
+    created_at: Mapped[datetime] = _stamped()
 
 
 __all__ = [

@@ -1,22 +1,31 @@
-"""Cleanup: orphaned blobs go, referenced and leased ones stay, stuck validations move on."""
+"""Cleanup: orphaned blobs go, referenced and leased ones stay, stuck validations move on.
+
+The registry-level tests at the end run on SQLite too: after a crash, cleanup is the only
+way an adapter leaves ``validating``, so it must work on the embedded default.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from loramux.adapters.cleanup import MAX_VALIDATION_ATTEMPTS, run_cleanup
+from loramux.adapters.cleanup import FINISHED_UPLOAD_RETENTION, MAX_VALIDATION_ATTEMPTS, run_cleanup
 from loramux.adapters.validation_job import validate_version
 from loramux.db.models import AdapterUpload, AdapterVersion
 from loramux.db.session import transaction
 from loramux.jobs.config import CLEANUP_ORPHANED_BLOBS
 from loramux.jobs.queue import job_queue
-from loramux.storage import adapter_key
+from loramux.settings import Settings
+from loramux.storage import LocalStorage, adapter_key
+from tests.fixtures.services import both_registries
 from tests.platform.adapters.helpers import CONFIG, WEIGHTS, bearer, upload
+from tests.platform.registry_rows import add_adapter_version, add_tenant
 
 WAIT_S = 60.0
 
@@ -150,3 +159,92 @@ def test_validation_is_idempotent_by_version_id(  # type: ignore[no-untyped-def]
     with db() as session:
         assert session.get(AdapterVersion, body["version_id"]).ready_at == ready.ready_at
     assert validate_version(db, state.storage, shape, 64, "adv_missing") is None
+
+
+def _registry_cleanup(
+    db: sessionmaker[Session], registry_url: str, tmp_path: Path
+) -> tuple[LocalStorage, Settings, Any]:
+    """Local storage, settings, and ``run() -> (report, enqueued)``: cleanup with no worker."""
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=registry_url,
+        storage_url=(tmp_path / "storage").as_uri(),
+    )
+    storage = LocalStorage(tmp_path / "storage")
+
+    def run() -> tuple[Any, list[str]]:
+        enqueued: list[str] = []
+        return run_cleanup(db, storage, settings, enqueue=enqueued.append), enqueued
+
+    return storage, settings, run
+
+
+@both_registries
+def test_cleanup_moves_stuck_validations_on_either_registry(
+    db: sessionmaker[Session], registry_url: str, tmp_path: Path
+) -> None:
+    _, settings, run = _registry_cleanup(db, registry_url, tmp_path)
+    timeout = timedelta(seconds=settings.adapter_validation_timeout_s)
+    now = datetime.now(UTC)
+    with transaction(db) as session:
+        tenant = add_tenant(session, "acme")
+        stuck = add_adapter_version(
+            session, tenant.id, "stuck", "a" * 64, "validating", now - timeout * 2
+        )
+        hopeless = add_adapter_version(
+            session,
+            tenant.id,
+            "hopeless",
+            "b" * 64,
+            "validating",
+            now - timeout * (MAX_VALIDATION_ATTEMPTS + 1),
+        )
+        fresh = add_adapter_version(session, tenant.id, "fresh", "c" * 64, "validating")
+    report, enqueued = run()
+    assert report.requeued_versions == enqueued == [stuck.id]
+    assert report.timed_out_versions == [hopeless.id]
+    with db() as session:
+        statuses = dict(session.execute(select(AdapterVersion.id, AdapterVersion.status)).all())
+        refused = session.get(AdapterVersion, hopeless.id)
+        assert refused is not None and refused.created_at.tzinfo is not None
+    assert statuses == {stuck.id: "validating", hopeless.id: "rejected", fresh.id: "validating"}
+
+
+@both_registries
+def test_cleanup_expires_leases_and_removes_orphans_on_either_registry(
+    db: sessionmaker[Session], registry_url: str, tmp_path: Path
+) -> None:
+    storage, _, run = _registry_cleanup(db, registry_url, tmp_path)
+    live, orphan = _orphan(storage, b"live"), _orphan(storage, b"orphan")
+    leased, lapsed = _orphan(storage, b"leased"), _orphan(storage, b"lapsed")
+    now = datetime.now(UTC)
+    with transaction(db) as session:
+        tenant = add_tenant(session, "acme")
+        add_adapter_version(session, tenant.id, "bot", live[0].split("/")[1])
+
+        def lease(name: str, keys: list[str], expires_at: datetime, **fields: Any) -> None:
+            session.add(
+                AdapterUpload(
+                    tenant_id=tenant.id,
+                    name=name,
+                    kind="direct",
+                    sha256=keys[0].split("/")[1],
+                    weights_bytes=1,
+                    weights_sha256="0" * 64,
+                    expires_at=expires_at,
+                    **fields,
+                )
+            )
+
+        lease("in-flight", leased, now + timedelta(hours=1))
+        lease("crashed", lapsed, now - timedelta(seconds=1))
+        lease(
+            "old", orphan, now, status="completed", created_at=now - FINISHED_UPLOAD_RETENTION * 2
+        )
+    report, _ = run()
+    assert report.expired_uploads == 1
+    assert sorted(report.deleted_blobs) == sorted(orphan + lapsed)
+    assert all(storage.exists(key) for key in live + leased)
+    with db() as session:
+        uploads = dict(session.execute(select(AdapterUpload.name, AdapterUpload.status)).all())
+    assert uploads == {"in-flight": "pending", "crashed": "expired"}

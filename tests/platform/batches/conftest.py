@@ -1,5 +1,6 @@
-"""Batch tests on the PostgreSQL registry, local storage and the tiny model's in-process
-engine. The runner is driven directly here (no Celery); tests/e2e runs it on a worker."""
+"""Batch tests on both registries (PostgreSQL and the embedded default's SQLite), local
+storage and the tiny model's in-process engine. The runner is driven directly here (no
+Celery); tests/e2e runs it on a worker."""
 
 from __future__ import annotations
 
@@ -23,21 +24,27 @@ from loramux.state import AppState
 from loramux.storage import LocalStorage
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.async_engine import AsyncLLMEngine
+from tests.fixtures.services import REGISTRY_BACKENDS
 from tests.platform.conftest import ADMIN_KEY
 
 BROKER_DB = 13  # its own Redis db: no worker consumes what these tests enqueue
 
 
+@pytest.fixture(params=REGISTRY_BACKENDS)
+def registry_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
 def settings(
-    pg_database: str, db: sessionmaker[Session], tmp_path: Path, tiny_llama_dir: Path,
+    registry_url: str, db: sessionmaker[Session], tmp_path: Path, tiny_llama_dir: Path,
     redis_url: str,
 ) -> Settings:  # fmt: skip
     broker_url = f"{redis_url.rsplit('/', 1)[0]}/{BROKER_DB}"
     redis.Redis.from_url(broker_url).flushdb()
     return Settings(
         home=tmp_path / "home",
-        database_url=pg_database,
+        database_url=registry_url,
         storage_url=(tmp_path / "storage").as_uri(),
         broker_url=broker_url,
         admin_key=ADMIN_KEY,

@@ -1,0 +1,134 @@
+"""Usage metering on both registries: ``GET /v1/usage`` per UTC day, and the monthly quota."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta, timezone
+from itertools import count
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from loramux.db.models import UsageRecord
+from loramux.db.session import make_engine, make_session_factory, transaction
+from loramux.errors import QuotaExceeded
+from loramux.usage import check_monthly_quota, month_start, record_usage, usage_by_day
+from tests.fixtures.services import both_registries
+from tests.platform.registry_rows import add_adapter_version, add_tenant
+
+_request_ids = count()
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def usage_fields(tenant_id: str, prompt: int, completion: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant_id,
+        "request_id": f"req-{next(_request_ids)}",
+        "endpoint": "/v1/completions",
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "status": "ok",
+        **fields,
+    }
+
+
+def usage(tenant_id: str, prompt: int, completion: int, **fields: Any) -> UsageRecord:
+    return UsageRecord(**usage_fields(tenant_id, prompt, completion, **fields))
+
+
+def day_row(day: str, adapter: str | None, num: int, prompt: int, completion: int) -> dict:
+    return {
+        "date": day,
+        "adapter": adapter,
+        "adapter_version": None if adapter is None else 1,
+        "num_requests": num,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+@both_registries
+def test_usage_appears_as_soon_as_a_request_is_recorded(client, make_tenant, db) -> None:  # type: ignore[no-untyped-def]
+    tenant, secret = make_tenant("acme")
+    with transaction(db) as session:
+        assert record_usage(session, **usage_fields(tenant["id"], 3, 4))
+    with db() as session:
+        created = session.query(UsageRecord.created_at).scalar()
+    assert created.tzinfo is not None and created.utcoffset() == timedelta(0)
+    response = client.get("/v1/usage", headers=bearer(secret))
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == [day_row(created.date().isoformat(), None, 1, 3, 4)]
+
+
+@both_registries
+def test_usage_is_bucketed_by_utc_day_adapter_and_tenant(client, make_tenant, db) -> None:  # type: ignore[no-untyped-def]
+    tenant, secret = make_tenant("acme")
+    other, _ = make_tenant("globex")
+    plus_two = timezone(timedelta(hours=2))
+    with transaction(db) as session:
+        version = add_adapter_version(session, tenant["id"], "bot", "a" * 64)
+        session.add_all(
+            [
+                usage(tenant["id"], 10, 5, created_at=datetime(2026, 3, 14, 23, 30, tzinfo=UTC)),
+                # 23:59:59 UTC, written in another zone: still March 14th.
+                usage(
+                    tenant["id"],
+                    7,
+                    1,
+                    adapter_version_id=version.id,
+                    created_at=datetime(2026, 3, 15, 1, 59, 59, tzinfo=plus_two),
+                ),
+                usage(tenant["id"], 1, 2, created_at=datetime(2026, 3, 15, tzinfo=UTC)),
+                usage(tenant["id"], 100, 100, created_at=datetime(2026, 3, 16, tzinfo=UTC)),
+                usage(other["id"], 50, 50, created_at=datetime(2026, 3, 14, 12, tzinfo=UTC)),
+            ]
+        )
+    response = client.get(
+        "/v1/usage?start_date=2026-03-14&end_date=2026-03-15", headers=bearer(secret)
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == [
+        day_row("2026-03-14", None, 1, 10, 5),  # the base model sorts first on both backends
+        day_row("2026-03-14", "bot", 1, 7, 1),
+        day_row("2026-03-15", None, 1, 1, 2),
+    ]
+
+
+@both_registries
+def test_monthly_quota_counts_this_months_tokens_only(db: sessionmaker[Session]) -> None:
+    start = month_start()
+    with transaction(db) as session:
+        tenant = add_tenant(session, "acme")
+        tenant.monthly_token_quota = 10
+        session.add_all(
+            [
+                usage(tenant.id, 500, 500, created_at=start - timedelta(seconds=1)),
+                usage(tenant.id, 4, 5, created_at=start),
+            ]
+        )
+    with db() as session:
+        check_monthly_quota(session, tenant.id)  # 9 of 10: last month's 1000 do not count
+    with transaction(db) as session:
+        session.add(usage(tenant.id, 1, 0))
+    with db() as session, pytest.raises(QuotaExceeded):
+        check_monthly_quota(session, tenant.id)
+
+
+def test_usage_days_are_utc_whatever_the_postgres_session_time_zone(
+    pg_database: str, db: sessionmaker[Session]
+) -> None:
+    with transaction(db) as session:
+        tenant = add_tenant(session, "acme")
+        session.add(usage(tenant.id, 1, 1, created_at=datetime(2026, 3, 14, 23, 30, tzinfo=UTC)))
+    # UTC+14: a cast to date in the session's zone would say March 15th.
+    engine = make_engine(pg_database, connect_args={"options": "-c timezone=Pacific/Kiritimati"})
+    try:
+        with make_session_factory(engine)() as session:
+            rows = usage_by_day(session, tenant.id, date(2026, 3, 14), date(2026, 3, 16))
+    finally:
+        engine.dispose()
+    assert [row["date"] for row in rows] == ["2026-03-14"]
