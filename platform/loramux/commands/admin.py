@@ -12,16 +12,20 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from alembic.util import CommandError
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux import tenancy
+from loramux.commands.output import Column, Row, print_list, when
 from loramux.db.migrate import is_current, upgrade
+from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
 from loramux.errors import APIError
 from loramux.settings import get_settings
@@ -124,4 +128,55 @@ def keys_revoke(args: argparse.Namespace) -> int:
     with _registry() as sessions, transaction(sessions) as session:
         key = tenancy.revoke_key(session, args.id, actor=ACTOR)
     print(f"revoked key {key.id}")
+    return 0
+
+
+TENANT_COLUMNS: list[Column] = [
+    ("ID", lambda t: t["id"]),
+    ("NAME", lambda t: t["name"]),
+    ("STATUS", lambda t: t["status"]),
+    ("CREATED (UTC)", lambda t: when(t["created_at"])),
+]
+KEY_COLUMNS: list[Column] = [
+    ("ID", lambda k: k["id"]),
+    ("NAME", lambda k: k["name"]),
+    ("PREFIX", lambda k: k["prefix"]),
+    ("TENANT", lambda k: k["tenant"] or "(admin)"),
+    ("SCOPES", lambda k: k["scopes"]),
+    ("STATUS", lambda k: _key_status(k)),
+    ("CREATED (UTC)", lambda k: when(k["created_at"])),
+    ("LAST USED (UTC)", lambda k: when(k["last_used_at"])),
+]
+
+
+def _key_status(key: Row) -> str:
+    if key["revoked_at"] is not None:
+        return "revoked"
+    if key["expires_at"] is not None and key["expires_at"] <= time.time():
+        return "expired"
+    return "active"
+
+
+@_one_line_errors
+def tenants_list(args: argparse.Namespace) -> int:
+    with _registry() as sessions, sessions() as session:
+        views = [
+            tenancy.tenant_view(t) for t in session.scalars(select(Tenant).order_by(Tenant.name))
+        ]
+    body = {"object": "list", "data": views}
+    print_list(body, TENANT_COLUMNS, as_json=args.json, empty="no tenants yet")
+    return 0
+
+
+@_one_line_errors
+def keys_list(args: argparse.Namespace) -> int:
+    """Every key (the secrets are never stored, so never shown), or one tenant's."""
+    with _registry() as sessions, sessions() as session:
+        query = select(ApiKey, Tenant.name).outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
+        if args.tenant is not None:
+            query = query.where(ApiKey.tenant_id == tenancy.get_tenant(session, args.tenant).id)
+        rows = session.execute(query.order_by(ApiKey.created_at, ApiKey.id)).all()
+        views = [{**tenancy.key_view(key), "tenant": tenant} for key, tenant in rows]
+    body = {"object": "list", "data": views}
+    print_list(body, KEY_COLUMNS, as_json=args.json, empty="no keys yet")
     return 0
