@@ -22,7 +22,7 @@ import redis
 from openai.types.chat import ChatCompletion
 from sqlalchemy import select
 
-from loramux.db.models import UsageRecord
+from loramux.db.models import Batch, UsageRecord
 from loramux.db.session import make_engine, make_session_factory
 from loramux.jobs.embedded import worker_command
 from tests.e2e.conftest import LORAMUX, LiveServer
@@ -246,6 +246,60 @@ def test_interactive_first_token_within_a_few_steps_of_a_running_batch(  # type:
     assert batch_stack.wait(client, batch.id).status == "cancelled"
 
 
+def billing_keys(database_url: str, batch_id: str) -> list[str]:
+    engine = make_engine(database_url)
+    with make_session_factory(engine)() as session:
+        keys = list(
+            session.scalars(
+                select(UsageRecord.billing_key).where(
+                    UsageRecord.billing_key.like(f"batch:{batch_id}:%")
+                )
+            )
+        )
+    engine.dispose()
+    return keys
+
+
+def registry_status(database_url: str, batch_id: str) -> str | None:
+    engine = make_engine(database_url)
+    with make_session_factory(engine)() as session:
+        status = session.scalar(select(Batch.status).where(Batch.id == batch_id))
+    engine.dispose()
+    return status
+
+
+def test_suspending_the_tenant_stops_its_running_batch(batch_stack, worker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tenant, key = batch_stack.server.make_tenant("suspended-mid-batch")
+    client = batch_stack.sdk(key)
+    model = client.models.list().data[0].id
+    total = 120
+    lines = [chat_line(f"r{i}", model, f"line {i}", max_tokens=16) for i in range(total)]
+    batch = submit(client, write_jsonl(tmp_path / "in.jsonl", lines))
+    batch_stack.wait(client, batch.id, lambda b: b.request_counts.completed >= 1)
+    database_url = batch_stack.env["LORAMUX_DATABASE_URL"]
+    with batch_stack.server.admin() as admin:
+        path = f"/admin/api/tenants/{tenant['id']}"
+        admin.patch(path, json={"status": "suspended"}).raise_for_status()
+        billed_at_suspension = len(billing_keys(database_url, batch.id))
+        deadline = time.monotonic() + TIMEOUT_S
+        while registry_status(database_url, batch.id) not in FINAL:  # the tenant cannot look
+            assert time.monotonic() < deadline, batch_stack.worker_logs()
+            time.sleep(0.1)
+        admin.patch(path, json={"status": "active"}).raise_for_status()
+    assert len(billing_keys(database_url, batch.id)) == billed_at_suspension >= 1
+
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "failed" and done.failed_at is not None, done
+    assert done.errors is not None and [e.code for e in done.errors.data] == ["tenant_suspended"]
+    counts = done.request_counts
+    assert counts.completed == billed_at_suspension < total
+    assert counts.completed + counts.failed == total
+    refused = read_output(client, done.error_file_id)
+    assert len(refused) == counts.failed
+    assert {r["error"]["code"] for r in refused} == {"tenant_suspended"}
+    assert {r["response"]["status_code"] for r in refused} == {403}
+
+
 def test_worker_killed_mid_batch_resumes_exactly_once(  # type: ignore[no-untyped-def]
     batch_stack, start_worker, tmp_path
 ) -> None:
@@ -272,14 +326,5 @@ def test_worker_killed_mid_batch_resumes_exactly_once(  # type: ignore[no-untype
     custom_ids = [o["custom_id"] for o in read_output(client, done.output_file_id)]
     assert custom_ids == [f"r{i}" for i in range(total)]  # each exactly once, in order
 
-    engine = make_engine(batch_stack.env["LORAMUX_DATABASE_URL"])
-    with make_session_factory(engine)() as session:
-        keys = list(
-            session.scalars(
-                select(UsageRecord.billing_key).where(
-                    UsageRecord.billing_key.like(f"batch:{batch.id}:%")
-                )
-            )
-        )
-    engine.dispose()
+    keys = billing_keys(batch_stack.env["LORAMUX_DATABASE_URL"], batch.id)
     assert sorted(keys) == sorted(f"batch:{batch.id}:r{i}" for i in range(total))

@@ -100,15 +100,9 @@ class ApiKeyBackend(AuthenticationBackend):
             if row is None or not secrets_match(row.ApiKey.secret_sha256, digest):
                 raise AuthenticationFailed("Incorrect API key provided.")
             key, tenant = row.ApiKey, row.Tenant
-            if key.revoked_at is not None:
-                raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
-            if key.expires_at is not None and _aware(key.expires_at) <= now:
-                raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
-            if tenant is not None and tenant.status != "active":
-                raise PermissionDenied(
-                    "This tenant is suspended; contact your administrator.",
-                    code="tenant_suspended",
-                )
+            refused = key_refusal(key, tenant, now)
+            if refused is not None:
+                raise refused
             if key.last_used_at is None or _aware(key.last_used_at) < now - LAST_USED_RESOLUTION:
                 session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
                 session.commit()
@@ -118,6 +112,22 @@ class ApiKeyBackend(AuthenticationBackend):
                 tenant_id=tenant.id if tenant else None,
                 tenant_name=tenant.name if tenant else None,
             )
+
+
+def key_refusal(key: ApiKey | None, tenant: Tenant | None, now: datetime) -> APIError | None:
+    """Why a key may not be used now (revoked, expired, its tenant suspended), or None.
+
+    The one rule for an online request and for a running batch's next line.
+    """
+    if key is not None and key.revoked_at is not None:
+        return AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
+    if key is not None and key.expires_at is not None and _aware(key.expires_at) <= now:
+        return AuthenticationFailed("This API key has expired.", code="expired_api_key")
+    if tenant is not None and tenant.status != "active":
+        return PermissionDenied(
+            "This tenant is suspended; contact your administrator.", code="tenant_suspended"
+        )
+    return None
 
 
 def _aware(value: datetime) -> datetime:

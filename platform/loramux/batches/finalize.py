@@ -26,6 +26,7 @@ OUTCOMES = {
     "completed": ("finalizing",),
     "cancelled": ("cancelling",),
     "expired": ("in_progress", "finalizing"),
+    "failed": ("in_progress", "cancelling"),  # the tenant suspended or the key revoked
 }
 
 
@@ -57,8 +58,12 @@ def start_finalizing(sessions: sessionmaker[Session], batch_id: str) -> str:
     return "cancelled" if status == "cancelling" else "completed"
 
 
-def finalize(sessions: sessionmaker[Session], storage: Storage, batch: Batch, outcome: str) -> bool:
-    """Write the files and end the batch as ``outcome``; False if it had already moved on."""
+def finalize(
+    sessions: sessionmaker[Session], storage: Storage, batch: Batch, outcome: str,
+    batch_errors: list[dict[str, Any]] | None = None,
+) -> bool:  # fmt: skip
+    """Write the files and end the batch as ``outcome`` (with ``batch_errors``, the batch's
+    own, if any); False if it had already moved on."""
     with sessions() as session:
         rows = list(
             session.scalars(
@@ -77,6 +82,8 @@ def finalize(sessions: sessionmaker[Session], storage: Storage, batch: Batch, ou
             "lease_owner": None,
             "lease_expires_at": None,
         }
+        if batch_errors:
+            values["errors"] = {"object": "list", "data": batch_errors}
         for kind, lines in (("output", outputs), ("error", errors)):
             if not lines:
                 continue

@@ -1,16 +1,19 @@
 """Batch input files: one JSON request per line, checked line by line.
 
 A refusal names the first bad line (1-based, as an editor shows it) so a user can fix it.
+Lines are read with the bounded JSON loader: nesting too deep, an integer too long, NaN or
+Infinity, a lone surrogate or bytes that are not UTF-8 make the line (and so the upload) a
+400, never an error in whoever later reads the line.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from loramux.errors import InvalidRequest
+from loramux_engine.utils.bounded_json import JSONLimitError, loads
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_CUSTOM_ID = 64
@@ -31,9 +34,9 @@ def invalid_line(number: int, message: str) -> InvalidRequest:
 
 def parse_line(raw: bytes, number: int, index: int) -> InputLine:
     try:
-        item = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise invalid_line(number, f"not valid JSON ({error})") from None
+        item = loads(raw)
+    except JSONLimitError as error:
+        raise invalid_line(number, str(error)) from None
     if not isinstance(item, dict):
         raise invalid_line(number, "each line must be a JSON object")
     custom_id = item.get("custom_id")

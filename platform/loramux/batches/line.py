@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -24,6 +26,8 @@ from loramux.state import AppState
 CHAT_URL = "/v1/chat/completions"
 # An unreachable engine server is a reason to retry the batch later, not to fail its lines.
 TRANSIENT_ENGINE_ERRORS = (httpx.TransportError,)
+# Held by a line from just before its admission to its end, given its number of choices.
+LineGate = Callable[[int], AbstractAsyncContextManager[None]]
 
 
 class EngineFailed(APIError):
@@ -32,7 +36,7 @@ class EngineFailed(APIError):
     code = "engine_error"
 
 
-def _error_result(line: InputLine, error: APIError, usage: dict[str, Any] | None) -> LineResult:
+def error_result(line: InputLine, error: APIError, usage: dict[str, Any] | None) -> LineResult:
     return LineResult(
         index=line.index,
         custom_id=line.custom_id,
@@ -62,20 +66,38 @@ async def _drain(gen: Generation) -> None:
 
 async def run_line(
     app_state: AppState, line: InputLine, *, tenant_id: str, api_key_id: str | None,
-    stop: asyncio.Event,
+    stop: asyncio.Event, gate: LineGate,
 ) -> LineResult | None:  # fmt: skip
-    """The line's result, or None when ``stop`` was set first (the engine request aborted)."""
+    """The line's result, or None when ``stop`` was set first (the engine request aborted).
+
+    ``gate(num_choices)`` is held from just before the line is admitted until it ends; it
+    raises StandingRevoked (which passes through) when the batch may run no more lines.
+    """
     engine = app_state.engine
     try:
         if line.body.get("stream"):
             raise InvalidRequest("stream is not supported in a batch", param="stream")
         parse = parse_chat if line.url == CHAT_URL else parse_completion
         request = parse(line.body, app_state.settings, engine.tokenizer)
-        gen = await admit(
-            app_state, request, tenant_id=tenant_id, api_key_id=api_key_id, priority=BATCH_PRIORITY
-        )
     except APIError as error:
-        return _error_result(line, error, None)
+        return error_result(line, error, None)
+    except Exception as error:  # parsing is pure work on the line: whatever breaks is its own
+        unusable = InvalidRequest(f"This request could not be read: {type(error).__name__}")
+        return error_result(line, unusable, None)
+    async with gate(request.num_choices):
+        if stop.is_set():
+            return None
+        try:
+            gen = await admit(
+                app_state, request, tenant_id=tenant_id, api_key_id=api_key_id,
+                priority=BATCH_PRIORITY,
+            )  # fmt: skip
+        except APIError as error:
+            return error_result(line, error, None)
+        return await _generate(line, gen, stop)
+
+
+async def _generate(line: InputLine, gen: Generation, stop: asyncio.Event) -> LineResult | None:
     gen.closed = True  # its usage is committed with the staged line, not by Generation.close
     work = asyncio.create_task(_drain(gen))
     stopped = asyncio.create_task(stop.wait())
@@ -93,8 +115,8 @@ async def run_line(
         body = response_body(gen)
         return LineResult(line.index, line.custom_id, 200, gen.id, body, None, _usage(gen, "ok"))
     if isinstance(failure, APIError):
-        return _error_result(line, failure, _usage(gen, "error"))
+        return error_result(line, failure, _usage(gen, "error"))
     if isinstance(failure, TRANSIENT_ENGINE_ERRORS):
         raise failure
     failed = EngineFailed(f"The engine failed on this request: {failure}")
-    return _error_result(line, failed, _usage(gen, "error"))
+    return error_result(line, failed, _usage(gen, "error"))

@@ -1,25 +1,29 @@
 """Runs one batch: validate its file, run the lines not yet staged, then finalize.
 
-Lines run concurrently, bounded so interactive traffic always finds free running slots in
-the engine. Between lines a watcher renews the lease and reads the batch's status: a
-cancel or the end of the completion window stops new lines and aborts those in flight.
-A run that finds another live worker's lease leaves the batch alone.
+Lines run concurrently, bounded in choices (engine sequences) so interactive traffic always
+finds free running slots in the engine. Between lines a watcher renews the lease and reads
+the batch's status: a cancel or the end of the completion window stops new lines and aborts
+those in flight. A suspended tenant or a revoked or expired key does the same, seen by the
+check before each line's admission or by the watcher; the lines left are then recorded as
+refused and the batch fails. A run that finds another live worker's lease leaves it alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from anyio import to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux.batches.budget import ChoiceBudget
 from loramux.batches.files import unix
 from loramux.batches.finalize import finalize, start_finalizing
 from loramux.batches.jsonl import InputLine, parse_lines
-from loramux.batches.line import run_line
+from loramux.batches.line import error_result, run_line
 from loramux.batches.staging import (
     LineResult,
     claim_lease,
@@ -29,12 +33,21 @@ from loramux.batches.staging import (
     stage_line,
     staged_indices,
 )
+from loramux.batches.standing import StandingRevoked, check_standing_now
 from loramux.db.models import Batch, File
 from loramux.db.session import transaction
 from loramux.errors import APIError
 from loramux.state import AppState
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+EXPIRED_ERROR: dict[str, Any] = {
+    "code": "batch_expired",
+    "message": "This request could not be executed before the completion window expired.",
+}
+
+
+def _expired(line: InputLine) -> LineResult:
+    return LineResult(line.index, line.custom_id, None, None, None, EXPIRED_ERROR)
 
 
 class BatchRunner:
@@ -48,6 +61,7 @@ class BatchRunner:
         self.expired = False
         self.lease_lost = False
         self.failure: BaseException | None = None
+        self.refusal: APIError | None = None  # why the batch may run no more lines
 
     async def run(self) -> str:
         """The batch's status when this run ends; ``busy`` if another live worker holds it."""
@@ -125,21 +139,31 @@ class BatchRunner:
             if self.failure is not None:
                 raise self.failure
         outcome = "cancelled" if batch.status == "cancelling" or self.cancel_requested else None
+        errors: list[dict[str, Any]] | None = None
+        if outcome is None and self.refusal is not None:
+            outcome, refusal = "failed", self.refusal
+            await self._stage_unrun(batch, lines, lambda line: error_result(line, refusal, None))
+            errors = [
+                {"code": refusal.code, "message": refusal.message, "param": None, "line": None}
+            ]
         if outcome is None and self.expired:
             outcome = "expired"
-            await self._stage_expired(batch, lines)
+            await self._stage_unrun(batch, lines, _expired)
         if outcome is None:
             outcome = await to_thread.run_sync(start_finalizing, self.sessions, batch.id)
-        await to_thread.run_sync(finalize, self.sessions, self.app_state.storage, batch, outcome)
+        await to_thread.run_sync(
+            finalize, self.sessions, self.app_state.storage, batch, outcome, errors
+        )
         return (await to_thread.run_sync(self._load)).status
 
     async def _execute(self, batch: Batch, lines: list[InputLine]) -> None:
         done = await to_thread.run_sync(self._staged, batch.id)
         pending = iter([line for line in lines if line.index not in done])
         stop = asyncio.Event()
+        budget = ChoiceBudget(self.settings.resolved_batch_max_in_flight)
         watcher = asyncio.create_task(self._watch(batch, stop))
         workers = [
-            asyncio.create_task(self._work(batch, pending, stop))
+            asyncio.create_task(self._work(batch, pending, stop, budget))
             for _ in range(self.settings.resolved_batch_max_in_flight)
         ]
         await asyncio.gather(*workers)
@@ -150,7 +174,21 @@ class BatchRunner:
         with self.sessions() as session:
             return staged_indices(session, batch_id)
 
-    async def _work(self, batch: Batch, pending: Iterator[InputLine], stop: asyncio.Event) -> None:
+    @asynccontextmanager
+    async def _gate(
+        self, batch: Batch, budget: ChoiceBudget, num_choices: int
+    ) -> AsyncIterator[None]:
+        """A line's room in the engine, then its tenant's and key's standing, in that order:
+        the wait for room may be long, and the standing must hold when the line goes in."""
+        async with budget.hold(num_choices):
+            await to_thread.run_sync(
+                check_standing_now, self.sessions, batch.tenant_id, batch.api_key_id
+            )
+            yield
+
+    async def _work(
+        self, batch: Batch, pending: Iterator[InputLine], stop: asyncio.Event, budget: ChoiceBudget
+    ) -> None:
         for line in pending:  # shared by all workers: each line is taken once
             if stop.is_set():
                 return
@@ -158,10 +196,15 @@ class BatchRunner:
                 result = await run_line(
                     self.app_state, line, tenant_id=batch.tenant_id,
                     api_key_id=batch.api_key_id, stop=stop,
+                    gate=lambda num_choices: self._gate(batch, budget, num_choices),
                 )  # fmt: skip
                 if result is None:
                     return
                 await to_thread.run_sync(stage_line, self.sessions, batch, result)
+            except StandingRevoked as revoked:  # this line and the ones left are refused
+                self.refusal = self.refusal or revoked.error
+                stop.set()
+                return
             except Exception as error:  # transient (engine server or registry down): retry later
                 self.failure = self.failure or error
                 stop.set()
@@ -188,18 +231,24 @@ class BatchRunner:
                 self.cancel_requested = True
                 stop.set()
                 return
+            try:  # aborts the lines in flight too: a suspension stops long lines at once
+                await to_thread.run_sync(
+                    check_standing_now, self.sessions, batch.tenant_id, batch.api_key_id
+                )
+            except StandingRevoked as revoked:
+                self.refusal = self.refusal or revoked.error
+                stop.set()
+                return
             if expires_at is not None and datetime.now(UTC).timestamp() >= expires_at:
                 self.expired = True
                 stop.set()
                 return
 
-    async def _stage_expired(self, batch: Batch, lines: list[InputLine]) -> None:
+    async def _stage_unrun(
+        self, batch: Batch, lines: list[InputLine], result: Callable[[InputLine], LineResult]
+    ) -> None:
+        """Record each line not staged yet as ``result(line)``, an error."""
         done = await to_thread.run_sync(self._staged, batch.id)
-        error: dict[str, Any] = {
-            "code": "batch_expired",
-            "message": "This request could not be executed before the completion window expired.",
-        }
         for line in lines:
             if line.index not in done:
-                result = LineResult(line.index, line.custom_id, None, None, None, error)
-                await to_thread.run_sync(stage_line, self.sessions, batch, result)
+                await to_thread.run_sync(stage_line, self.sessions, batch, result(line))

@@ -1,8 +1,10 @@
 """Batch objects: create, read, list and cancel, in OpenAI's shapes and statuses.
 
 validating -> in_progress -> finalizing -> completed, or failed (the input file did not
-pass validation), or expired (the completion window ran out); cancel moves validating or
-in_progress to cancelling, and the worker finishes it as cancelled with partial results.
+pass validation, or the tenant was suspended or the batch's key revoked or expired while it
+ran: the lines left are refused in the error file), or expired (the completion window ran
+out); cancel moves validating or in_progress to cancelling, and the worker finishes it as
+cancelled with partial results.
 """
 
 from __future__ import annotations

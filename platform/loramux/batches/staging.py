@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.batches.files import ACTIVE_STATUSES
+from loramux.batches.standing import check_standing
 from loramux.db.models import Batch, BatchLine
 from loramux.db.session import transaction
 from loramux.usage import record_usage
@@ -44,39 +45,48 @@ def billing_key(batch_id: str, custom_id: str) -> str:
 
 
 def stage_line(sessions: sessionmaker[Session], batch: Batch, result: LineResult) -> bool:
-    """Commit the line, its usage record and the counters together; False if already staged."""
-    with transaction(sessions) as session:
-        try:
-            with session.begin_nested():
-                session.add(
-                    BatchLine(
-                        batch_id=batch.id,
-                        line_index=result.index,
-                        custom_id=result.custom_id,
-                        status_code=result.status_code,
-                        request_id=result.request_id,
-                        body=result.body,
-                        error=result.error,
-                    )
-                )
-        except IntegrityError:
-            return False
-        if result.usage is not None:
-            record_usage(
-                session,
-                tenant_id=batch.tenant_id,
-                api_key_id=batch.api_key_id,
-                billing_key=billing_key(batch.id, result.custom_id),
-                endpoint=batch.endpoint,
-                **result.usage,
+    """Commit the line, its usage record and the counters together; False if already staged.
+
+    A line that ran is billed only while the tenant and key are still in good standing;
+    otherwise StandingRevoked, with nothing staged (the runner records the line as refused).
+    """
+    counter = Batch.completed if result.ok else Batch.failed
+    try:
+        with transaction(sessions) as session:
+            # A write first: on SQLite it begins the transaction (pysqlite begins none for a
+            # SAVEPOINT, whose release would then commit on its own) and takes the one write
+            # lock, so there too no suspension can commit between the read below and ours.
+            session.execute(
+                update(Batch)
+                .where(Batch.id == batch.id)
+                .values({counter.key: counter + 1})
+                .execution_options(synchronize_session=False)
             )
-        counter = Batch.completed if result.ok else Batch.failed
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch.id)
-            .values({counter.key: counter + 1})
-            .execution_options(synchronize_session=False)
-        )
+            if result.usage is not None:
+                check_standing(session, batch.tenant_id, batch.api_key_id, lock=True)
+            session.add(
+                BatchLine(
+                    batch_id=batch.id,
+                    line_index=result.index,
+                    custom_id=result.custom_id,
+                    status_code=result.status_code,
+                    request_id=result.request_id,
+                    body=result.body,
+                    error=result.error,
+                )
+            )
+            session.flush()  # a line staged before fails its unique (batch, line) here
+            if result.usage is not None:
+                record_usage(
+                    session,
+                    tenant_id=batch.tenant_id,
+                    api_key_id=batch.api_key_id,
+                    billing_key=billing_key(batch.id, result.custom_id),
+                    endpoint=batch.endpoint,
+                    **result.usage,
+                )
+    except IntegrityError:  # the whole transaction rolled back, the counter with it
+        return False
     return True
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.batches.staging import LineResult, claim_lease, stage_line
 from loramux.db.models import Batch, UsageRecord
@@ -146,21 +148,32 @@ def test_another_workers_live_lease_is_left_alone(  # type: ignore[no-untyped-de
         assert batch is not None and batch.lease_owner is None
 
 
-def test_cancel_keeps_partial_results(client, make_tenant, start_batch, run_batch, db) -> None:  # type: ignore[no-untyped-def]
-    _, key = make_tenant("acme")
-    body = {"model": model_of(client, key), **COMPLETION, "max_tokens": 64}
-    batch_id = start_batch(key, [request_line(f"r{i}", body) for i in range(40)])["id"]
+def run_past_first_line(
+    run_batch: Callable[..., str], db: sessionmaker[Session], batch_id: str
+) -> tuple[threading.Thread, list[str]]:
+    """Run the batch (two lines in flight) on a thread; return once a line is staged.
+
+    The thread appends the batch's final status to the list it returns with it.
+    """
     outcome: list[str] = []
-    runner = threading.Thread(target=lambda: outcome.append(run_batch(batch_id, **{
-        "batch_max_in_flight": 2})))  # fmt: skip
+    runner = threading.Thread(
+        target=lambda: outcome.append(run_batch(batch_id, batch_max_in_flight=2))
+    )
     runner.start()
     while True:
         with db() as session:
             completed = session.scalar(select(Batch.completed).where(Batch.id == batch_id))
         if completed:
-            break
+            return runner, outcome
         assert runner.is_alive()
         time.sleep(0.02)
+
+
+def test_cancel_keeps_partial_results(client, make_tenant, start_batch, run_batch, db) -> None:  # type: ignore[no-untyped-def]
+    _, key = make_tenant("acme")
+    body = {"model": model_of(client, key), **COMPLETION, "max_tokens": 64}
+    batch_id = start_batch(key, [request_line(f"r{i}", body) for i in range(40)])["id"]
+    runner, outcome = run_past_first_line(run_batch, db, batch_id)
     cancel = client.post(f"/v1/batches/{batch_id}/cancel", headers=bearer(key))
     assert cancel.json()["status"] == "cancelling"
     runner.join()
@@ -174,8 +187,10 @@ def test_cancel_keeps_partial_results(client, make_tenant, start_batch, run_batc
 
 
 def test_lines_past_the_monthly_quota_fail(client, make_tenant, start_batch, run_batch) -> None:  # type: ignore[no-untyped-def]
-    _, key = make_tenant("acme", monthly_token_quota=40)
-    body = {"model": model_of(client, key), **COMPLETION}  # 16 prompt + 8 completion tokens
+    # 16 prompt + 8 completion tokens a line: exactly two lines fit, whether the quota is
+    # checked against what is recorded or each line's reservation must fit what is left
+    _, key = make_tenant("acme", monthly_token_quota=48)
+    body = {"model": model_of(client, key), **COMPLETION}
     batch_id = start_batch(key, [request_line(f"r{i}", body) for i in range(4)])["id"]
     assert run_batch(batch_id, batch_max_in_flight=1) == "completed"
     done = client.get(f"/v1/batches/{batch_id}", headers=bearer(key)).json()
