@@ -85,7 +85,6 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
             *console.routes,
             *engine.routes,
             *openapi.routes,
-            app_state.metrics.route(),
         ],
         middleware=[
             Middleware(

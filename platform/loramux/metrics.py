@@ -12,9 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -77,10 +75,8 @@ class Metrics:
             registry=self.registry,
         )
 
-    async def endpoint(self, _request: Request) -> Response:
+    def exposition(self) -> Response:
+        """The registry in Prometheus' text format (``GET /metrics``, in ``api/health``)."""
         return Response(
             generate_latest(self.registry), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
-
-    def route(self) -> Route:
-        return Route("/metrics", self.endpoint, methods=["GET"])

@@ -6,12 +6,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loramux.errors import PayloadTooLarge
 
+# The routes that take a file as multipart/form-data: the adapter and the file uploads.
+UPLOAD_ROUTES = (("POST", "/v1/adapters"), ("POST", "/v1/files"))
+
 
 class BodySizeLimit:
     """Answer 413 for a body over its limit, by header or by counting what arrives.
 
-    Upload routes (paths under ``upload_prefixes``) get ``max_upload_bytes``; the rest
-    ``max_bytes``.
+    A multipart body sent to one of ``upload_routes`` gets ``max_upload_bytes``; every
+    other body ``max_bytes``. The match is exact (method, path and content type): a JSON
+    body under an upload path (``/v1/adapters/uploads``) is parsed whole in memory, so it
+    must never get the upload cap.
     """
 
     def __init__(
@@ -19,25 +24,29 @@ class BodySizeLimit:
         app: ASGIApp,
         max_bytes: int,
         max_upload_bytes: int,
-        upload_prefixes: tuple[str, ...] = ("/v1/adapters", "/v1/files"),
+        upload_routes: tuple[tuple[str, str], ...] = UPLOAD_ROUTES,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_upload_bytes = max_upload_bytes
-        self.upload_prefixes = upload_prefixes
+        self.upload_routes = upload_routes
+
+    def limit(self, scope: Scope) -> int:
+        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+        upload_route = (scope["method"], scope["path"]) in self.upload_routes
+        if upload_route and content_type.startswith(b"multipart/form-data"):
+            return self.max_upload_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = (
-            self.max_upload_bytes
-            if scope["path"].startswith(self.upload_prefixes)
-            else self.max_bytes
-        )
+        limit = self.limit(scope)
         too_large = PayloadTooLarge(f"the request body is over {limit} bytes")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        # More than 18 digits is over any limit (and int() refuses past 4,300 digits).
+        if length is not None and length.isdigit() and (len(length) > 18 or int(length) > limit):
             await too_large.response()(scope, receive, send)
             return
         received = 0

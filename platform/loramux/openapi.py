@@ -21,7 +21,7 @@ TENANT, ADMIN, PUBLIC = "tenant", "admin", "public"
 OPERATIONS: list[tuple[str, str, str, str, str, str | None]] = [
     ("get", "/healthz", "Liveness", PUBLIC, "health", None),
     ("get", "/readyz", "Readiness: registry and storage reachable", PUBLIC, "health", None),
-    ("get", "/metrics", "Prometheus metrics", PUBLIC, "health", None),
+    ("get", "/metrics", "Prometheus metrics (LORAMUX_METRICS_AUTH)", ADMIN, "health", None),
     ("get", "/openapi.json", "This document", PUBLIC, "health", None),
     (
         "get",

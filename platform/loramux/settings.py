@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,7 +50,12 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     max_tokens_cap: int = 4096
     max_n: int = 8
+    # prompts x n: each choice is one engine sequence, however the request spells it.
+    max_choices_per_request: int = 64
     require_services: bool = False
+    # GET /metrics: "admin" asks for an admin key (engine load, adapter-cache activity and
+    # request counts are not for tenants); "none" leaves it open, e.g. behind a firewall.
+    metrics_auth: Literal["admin", "none"] = "admin"
 
     # Adapter lifecycle: how long an upload may hold its blobs before cleanup may take them
     # (also the presigned URL's lifetime), how long a validation may run before it is

@@ -1,14 +1,14 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus metrics."""
 
 from __future__ import annotations
 
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from loramux.api.common import state
+from loramux.api.common import principal, state
 
 
 async def healthz(_request: Request) -> JSONResponse:
@@ -36,4 +36,15 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
-routes = [Route("/healthz", healthz), Route("/readyz", readyz)]
+async def metrics(request: Request) -> Response:
+    app_state = state(request)
+    if app_state.settings.metrics_auth == "admin":
+        principal(request, "admin")
+    return app_state.metrics.exposition()
+
+
+routes = [
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics, methods=["GET"]),
+]

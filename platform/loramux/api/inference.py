@@ -67,7 +67,9 @@ async def _until_done_or_disconnected(request: Request, gen: Generation) -> None
         watch.cancel()
         if not work.done():  # the client left: abort the engine requests
             work.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+        # Until a cancelled task has run its cancellation it is neither done nor cancelled:
+        # wait for it, which also waits for the engine requests to be aborted.
+        await asyncio.gather(work, watch, return_exceptions=True)
     if work.cancelled():
         gen.status = "cancelled"
         return

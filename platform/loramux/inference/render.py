@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
+from loramux_engine.layers.sampler import NEG_INF_LOGPROB
 from loramux_engine.outputs import RequestOutput
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
     return str(tokenizer.decode([token_id]))
+
+
+def _logprob(value: float) -> float:
+    # JSON has no NaN or -Infinity: whatever the engine hands over, a response must parse.
+    # A logprob that is not a finite number is reported as OpenAI reports probability 0.
+    return value if math.isfinite(value) else NEG_INF_LOGPROB
 
 
 def completion_logprobs(tokenizer: Any, outs: list[RequestOutput], offset: int) -> dict[str, Any]:
@@ -20,9 +28,14 @@ def completion_logprobs(tokenizer: Any, outs: list[RequestOutput], offset: int) 
             tokens.append(text)
             text_offset.append(offset)
             offset += len(text)
-            token_logprobs.append(out.logprobs[i] if out.logprobs else None)
+            token_logprobs.append(_logprob(out.logprobs[i]) if out.logprobs else None)
             if out.top_logprobs:
-                top.append({_token_text(tokenizer, t): lp for t, lp in out.top_logprobs[i].items()})
+                top.append(
+                    {
+                        _token_text(tokenizer, t): _logprob(lp)
+                        for t, lp in out.top_logprobs[i].items()
+                    }
+                )
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,
@@ -34,7 +47,8 @@ def completion_logprobs(tokenizer: Any, outs: list[RequestOutput], offset: int) 
 def chat_logprobs(tokenizer: Any, outs: list[RequestOutput]) -> dict[str, Any]:
     def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
         text = _token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        value = None if logprob is None else _logprob(logprob)
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
 
     content = []
     for out in outs:
@@ -55,5 +69,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    # allow_nan=False: a non-finite number raises here rather than reach a client as NaN.
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    )
     return f"data: {data}\n\n".encode()

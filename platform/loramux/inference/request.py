@@ -5,24 +5,43 @@ Every check names the offending ``param`` so a client sees a 400, never a 500.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from loramux.errors import InvalidRequest
 from loramux.settings import Settings
 from loramux_engine.errors import InvalidSamplingParamsError
-from loramux_engine.sampling_params import SamplingParams
+from loramux_engine.sampling_params import MIN_SAMPLING_TEMPERATURE, SamplingParams
 
 MAX_STOP = 4
+# The smallest positive temperature: the engine samples greedily below it, so a smaller
+# one (1e-45, 5e-324: not even float32 numbers) can only be a mistake or an attack.
+MIN_TEMPERATURE = MIN_SAMPLING_TEMPERATURE
+# The smallest top_p: float32 (the sampler's precision) resolves no finer nucleus, and at
+# 5e-324 (0 in float32) the nucleus is empty.
+MIN_TOP_P = 1e-6
+SEED_LIMIT = 2**63
+
+
+def _is_number(value: Any) -> bool:
+    # JSON true/false are Python ints: a boolean is never a number here.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_zero(value: Any) -> bool:
+    return value is None or (_is_number(value) and value == 0)
+
+
 UNSUPPORTED = {
-    "best_of": lambda v: v not in (None, 1),
-    "echo": lambda v: v not in (None, False),
+    "best_of": lambda v: not (v is None or (_is_number(v) and v == 1)),
+    "echo": lambda v: v is not None and v is not False,
     "suffix": lambda v: v is not None,
     "logit_bias": lambda v: bool(v),
     "tools": lambda v: bool(v),
     "functions": lambda v: bool(v),
-    "presence_penalty": lambda v: v not in (None, 0, 0.0),
-    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
+    "presence_penalty": lambda v: not _is_zero(v),
+    "frequency_penalty": lambda v: not _is_zero(v),
 }
 
 
@@ -51,16 +70,26 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise InvalidRequest(f"{name} must be a number between {lo} and {hi}", param=name)
+    if not _is_number(value) or not math.isfinite(value) or not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be a number between {lo:g} and {hi:g}", param=name)
     return float(value)
+
+
+def _temperature(body: dict[str, Any]) -> float:
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and 2",
+            param="temperature",
+        )
+    return temperature
 
 
 def _integer(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not _is_number(value) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidRequest(f"{name} must be an integer between {lo} and {hi}", param=name)
     return value
 
@@ -108,10 +137,10 @@ def _sampling(
 ) -> SamplingParams:
     try:
         return SamplingParams(
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
+            temperature=_temperature(body),
+            top_p=_number(body, "top_p", 1.0, MIN_TOP_P, 1.0),
             top_k=_integer(body, "top_k", 0, 0, 1_000_000) or 0,
-            seed=_integer(body, "seed", None, 0, 2**63 - 1),
+            seed=_integer(body, "seed", None, 0, SEED_LIMIT - 1),
             max_tokens=max_tokens,
             stop=_stop(body),
             logprobs=logprobs,
@@ -128,27 +157,68 @@ def _max_tokens(body: dict[str, Any], settings: Settings, *names: str) -> tuple[
     return settings.default_max_tokens, False
 
 
+def _n(body: dict[str, Any], settings: Settings, num_prompts: int) -> int:
+    """``n``, with prompts x n bounded before any prompt is tokenized or run."""
+    n = _integer(body, "n", 1, 1, settings.max_n) or 1
+    most = settings.max_choices_per_request
+    if num_prompts * n > most:
+        raise InvalidRequest(
+            f"This request asks for {num_prompts * n} choices ({num_prompts} prompts x n={n}); "
+            f"one request may ask for at most {most}.",
+            param="prompt" if num_prompts > 1 else "n",
+        )
+    return n
+
+
+def _is_token_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def _token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    if not all(0 <= t < vocab_size for t in ids):
+        raise InvalidRequest(
+            f"prompt token ids must be integers in [0, {vocab_size})", param="prompt"
+        )
+    return list(ids)
+
+
+def _text(value: str, param: str) -> str:
+    # Also for callers that parsed JSON without bounded_json (its loader refuses these first).
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"{param} holds a lone UTF-16 surrogate, which is not valid Unicode", param=param
+        ) from None
+    return value
+
+
 def parse_completion(body: dict[str, Any], settings: Settings, tokenizer: Any) -> GenerationRequest:
     _check_unsupported(body)
     model = _model(body)
     prompt = body.get("prompt")
-    prompts: list[list[int]]
-    if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt, add_special_tokens=False)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
-        prompts = [list(prompt)]
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt)
+    if isinstance(prompt, str) or _is_token_list(prompt):
+        prompt = [prompt]
+    if (
+        not isinstance(prompt, list)
+        or not prompt
+        or not (all(isinstance(p, str) for p in prompt) or all(_is_token_list(p) for p in prompt))
     ):
-        prompts = [list(p) for p in prompt]
-    else:
         raise InvalidRequest(
             "prompt must be a string, a list of strings, or token ids", param="prompt"
         )
+    n = _n(body, settings, len(prompt))
+    vocab_size = len(tokenizer)
+    prompts = [
+        tokenizer.encode(_text(p, "prompt"), add_special_tokens=False)
+        if isinstance(p, str)
+        else _token_ids(p, vocab_size)
+        for p in prompt
+    ]
     if any(not p for p in prompts):
         raise InvalidRequest("prompt must not be empty", param="prompt")
     logprobs = _integer(body, "logprobs", None, 0, 5)
@@ -158,7 +228,7 @@ def parse_completion(body: dict[str, Any], settings: Settings, tokenizer: Any) -
         kind="completion",
         model=model,
         prompts=prompts,
-        n=_integer(body, "n", 1, 1, settings.max_n) or 1,
+        n=n,
         params=_sampling(body, settings, max_tokens, False if logprobs is None else logprobs),
         stream=stream,
         include_usage=_stream_options(body, stream),
@@ -197,7 +267,7 @@ def parse_chat(body: dict[str, Any], settings: Settings, tokenizer: Any) -> Gene
         kind="chat",
         model=model,
         prompts=[list(prompt)],
-        n=_integer(body, "n", 1, 1, settings.max_n) or 1,
+        n=_n(body, settings, 1),
         params=_sampling(body, settings, max_tokens, logprobs),
         stream=stream,
         include_usage=_stream_options(body, stream),
@@ -219,10 +289,6 @@ def _stream(body: dict[str, Any]) -> bool:
     return stream
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -232,10 +298,13 @@ def _message(message: Any, index: int) -> dict[str, str]:
         raise InvalidRequest(f"{param} must be an object with a role in {ROLES}", param=param)
     content = message.get("content")
     if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        if not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
             raise InvalidRequest(f"{param}.content may only hold text parts", param=param)
-        content = "".join(str(p.get("text", "")) for p in content)
+        content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise InvalidRequest(f"{param}.content must be a string", param=param)
     role = "system" if message["role"] == "developer" else message["role"]
-    return {"role": role, "content": content}
+    return {"role": role, "content": _text(content, param)}

@@ -21,11 +21,11 @@ from loramux.db.models import Tenant
 from loramux.engine_client import INTERACTIVE_PRIORITY, EngineClient
 from loramux.errors import InvalidRequest, ServiceUnavailable
 from loramux.inference import render
-from loramux.inference.request import GenerationRequest
+from loramux.inference.request import SEED_LIMIT, GenerationRequest
 from loramux.limits import Admission, Limits
 from loramux.resolve import ResolvedModel, resolve_model
 from loramux.state import AppState
-from loramux.usage import check_monthly_quota, record_usage
+from loramux.usage import record_usage, tokens_this_month
 from loramux_engine.errors import NonFiniteLogitsError, PromptTooLongError, SequenceFailedError
 from loramux_engine.lora.errors import AdapterLoadError
 from loramux_engine.outputs import RequestOutput
@@ -84,10 +84,12 @@ class Generation:
         params = self.request.params
 
         async def pump(index: int, prompt: list[int]) -> None:
-            choice_params = params
-            if params.seed is not None and index:
-                choice_params = _replace_seed(params, params.seed + index)
+            # Everything in the try: a pump that dies without a word leaves the consumer
+            # waiting for it for ever.
             try:
+                choice_params = params
+                if params.seed is not None and index:
+                    choice_params = _replace_seed(params, params.seed + index)
                 async for out in self.engine.generate(
                     f"{self.id}-{index}",
                     prompt,
@@ -156,10 +158,14 @@ class Generation:
         with anyio.CancelScope(shield=True):
             used = self.prompt_tokens + self.completion_tokens
             try:
-                await self.app_state.limiter.finish(self.admission, used)
-            except Exception:  # the record below must be written whatever the limiter does
-                logger.exception("rate limiter release failed for %s", self.id)
-            await run_in_threadpool(self._record)
+                # First the record, then the release of the quota reservation: the tokens
+                # always count against the monthly quota, one way or the other.
+                await run_in_threadpool(self._record)
+            finally:
+                try:
+                    await self.app_state.limiter.finish(self.admission, used)
+                except Exception:  # the record's own failure, if any, is the one to raise
+                    logger.exception("rate limiter release failed for %s", self.id)
 
     def _record(self) -> None:
         with self.app_state.sessions() as session:
@@ -184,7 +190,7 @@ class Generation:
 def _replace_seed(params: Any, seed: int) -> Any:
     from dataclasses import replace
 
-    return replace(params, seed=seed)
+    return replace(params, seed=seed % SEED_LIMIT)  # choice i of seed 2**63 - 1 wraps
 
 
 def check_context(request: GenerationRequest, max_model_len: int) -> None:
@@ -215,18 +221,25 @@ async def admit(
     priority: int = INTERACTIVE_PRIORITY,
     billing_key: str | None = None,
 ) -> Generation:
-    """Quota, model resolution, context check and rate limits, in that order."""
+    """Model resolution, context check, then rate limits and the monthly quota.
+
+    The limiter reserves the request's tokens against both the per-minute limit and the
+    monthly quota, and one concurrency unit per choice; ``Generation.close`` settles them.
+    """
     engine: EngineClient | None = app_state.engine
     if engine is None:
         raise ServiceUnavailable("the inference engine is not running on this server")
 
     def prepare() -> tuple[ResolvedModel, Limits]:
         with app_state.sessions() as session:
-            check_monthly_quota(session, tenant_id)
             resolved = resolve_model(session, tenant_id, request.model, app_state.base_model_id)
             tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id)).one()
+            quota = tenant.monthly_token_quota
             limits = Limits(
-                tenant.requests_per_minute, tenant.tokens_per_minute, tenant.max_concurrent_requests
+                tenant.requests_per_minute,
+                tenant.tokens_per_minute,
+                tenant.max_concurrent_requests,
+                None if quota is None else quota - tokens_this_month(session, tenant_id),
             )
             return resolved, limits
 
@@ -237,7 +250,7 @@ async def admit(
         raise InvalidRequest(str(error), code="context_length_exceeded") from error
     generation_id = ("chatcmpl-" if request.kind == "chat" else "cmpl-") + secrets.token_hex(12)
     admission = await app_state.limiter.admit(
-        tenant_id, generation_id, limits, request.reserved_tokens
+        tenant_id, generation_id, limits, request.reserved_tokens, request.num_choices
     )
     return Generation(
         app_state,

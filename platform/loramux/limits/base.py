@@ -3,8 +3,13 @@
 Requests and tokens are counted over a sliding window (a minute by default): a tenant
 with ``requests_per_minute = N`` is admitted at most N requests in any window, exactly.
 Tokens are reserved at admission (prompt tokens plus the most the request may generate)
-and the unused part is handed back when the request finishes. Concurrency counts requests
-admitted and not yet finished.
+and the unused part is handed back when the request finishes. Concurrency counts the
+sequences (choices: prompts x n) of requests admitted and not yet finished.
+
+The monthly token quota is reserved the same way: a request is admitted only if its
+reservation fits what the usage records leave of the quota (``Limits.monthly_tokens_left``)
+less the reservations of the tenant's requests in flight; finishing a request drops its
+reservation, once its usage is recorded.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from loramux.errors import RateLimited
+from loramux.errors import QuotaExceeded, RateLimited
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-    max_concurrent_requests: int | None = None
+    max_concurrent_requests: int | None = None  # sequences (choices) at once
+    # The monthly quota less the tokens the usage records hold this month; None: no quota.
+    monthly_tokens_left: int | None = None
 
     @property
     def unlimited(self) -> bool:
@@ -28,6 +35,7 @@ class Limits:
             self.requests_per_minute is None
             and self.tokens_per_minute is None
             and self.max_concurrent_requests is None
+            and self.monthly_tokens_left is None
         )
 
 
@@ -35,7 +43,8 @@ class Limits:
 class WindowState:
     """What a limiter saw at its decision, after admitting (or not) this request."""
 
-    reason: str | None  # None = admitted; else "requests" | "tokens" | "concurrency"
+    # None = admitted; else "requests" | "tokens" | "concurrency" | "quota"
+    reason: str | None
     retry_after_s: float
     num_requests: int
     num_tokens: int
@@ -87,34 +96,74 @@ class RateLimiter(ABC):
 
     @abstractmethod
     async def _admit(
-        self, tenant_id: str, request_id: str, limits: Limits, tokens: int
-    ) -> WindowState: ...
+        self, tenant_id: str, request_id: str, limits: Limits, tokens: int, sequences: int
+    ) -> WindowState:
+        """Admit atomically, or say why not; ``sequences`` concurrency units are taken."""
 
     @abstractmethod
-    async def _finish(self, tenant_id: str, request_id: str, used_tokens: int) -> None: ...
+    async def _finish(self, tenant_id: str, request_id: str, used_tokens: int) -> None:
+        """Settle the request's tokens to ``used_tokens``; give back its in-flight share."""
 
     async def admit(
-        self, tenant_id: str, request_id: str, limits: Limits, tokens: int
+        self, tenant_id: str, request_id: str, limits: Limits, tokens: int, sequences: int = 1
     ) -> Admission:
-        """Reserve a request and ``tokens``, or raise ``RateLimited`` with Retry-After."""
-        if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
-            raise RateLimited(
-                f"This request needs up to {tokens} tokens, more than your limit of "
-                f"{limits.tokens_per_minute} tokens per minute; lower max_tokens.",
-                code="tokens_exceed_limit",
-            )
-        state = await self._admit(tenant_id, request_id, limits, tokens)
+        """Reserve a request, ``tokens`` and ``sequences`` concurrency units.
+
+        Raises ``RateLimited`` (with Retry-After when waiting helps) or ``QuotaExceeded``.
+        """
+        _refuse_never_fits(limits, tokens)
+        state = await self._admit(tenant_id, request_id, limits, tokens, sequences)
         headers = ratelimit_headers(limits, state)
-        if state.reason is not None:
-            retry_after = max(1, math.ceil(state.retry_after_s))
-            raise RateLimited(
-                f"Rate limit reached for {_REASONS[state.reason]}; retry after {retry_after}s.",
-                headers={**headers, "retry-after": str(retry_after)},
+        if state.reason is None:
+            return Admission(tenant_id, request_id, tokens, headers)
+        limit = limits.max_concurrent_requests
+        if state.reason == "concurrency" and limit is not None and sequences > limit:
+            raise RateLimited(  # no Retry-After: waiting cannot help
+                f"This request runs {sequences} sequences at once (prompts x n), more than "
+                f"your limit of {limit} concurrent requests; lower n or send fewer prompts.",
+                code="concurrency_exceeds_limit",
+                headers=headers,
             )
-        return Admission(tenant_id, request_id, tokens, headers)
+        retry_after = max(1, math.ceil(state.retry_after_s))
+        retry_headers = {**headers, "retry-after": str(retry_after)}
+        if state.reason == "quota":
+            raise QuotaExceeded(
+                f"This request may use up to {tokens} tokens; with the tokens reserved by "
+                "your requests in flight that is more than is left of your monthly token "
+                f"quota. Retry after they finish ({retry_after}s) or lower max_tokens.",
+                headers=retry_headers,
+            )
+        raise RateLimited(
+            f"Rate limit reached for {_REASONS[state.reason]}; retry after {retry_after}s.",
+            headers=retry_headers,
+        )
 
     async def finish(self, admission: Admission, used_tokens: int) -> None:
-        """Return the unused reserved tokens and the concurrency slot."""
+        """Return the unused reserved tokens, the concurrency units and the quota reservation.
+
+        Call it once the request's usage is recorded, so that its tokens always count
+        against the monthly quota, by the reservation or by the records.
+        """
         await self._finish(
             admission.tenant_id, admission.request_id, min(used_tokens, admission.reserved_tokens)
+        )
+
+
+def _refuse_never_fits(limits: Limits, tokens: int) -> None:
+    """A request over a limit on its own: no Retry-After, since waiting cannot help."""
+    if limits.monthly_tokens_left is not None and tokens > limits.monthly_tokens_left:
+        if limits.monthly_tokens_left <= 0:
+            raise QuotaExceeded(
+                "You exceeded your monthly token quota; ask your administrator to raise it."
+            )
+        raise QuotaExceeded(
+            f"This request may use up to {tokens} tokens (its prompts plus max_tokens for "
+            f"each choice), but {limits.monthly_tokens_left} are left of your monthly token "
+            "quota; lower max_tokens or ask your administrator to raise the quota."
+        )
+    if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
+        raise RateLimited(
+            f"This request needs up to {tokens} tokens, more than your limit of "
+            f"{limits.tokens_per_minute} tokens per minute; lower max_tokens.",
+            code="tokens_exceed_limit",
         )

@@ -10,11 +10,18 @@ from dataclasses import dataclass, field
 from loramux.limits.base import Limits, RateLimiter, WindowState
 
 
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    admitted_at: float
+    sequences: int
+    tokens: int  # reserved, for the monthly quota
+
+
 @dataclass
 class _TenantWindow:
     requests: OrderedDict[str, float] = field(default_factory=OrderedDict)  # id -> admitted at
     tokens: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
-    in_flight: dict[str, float] = field(default_factory=dict)
+    in_flight: dict[str, _InFlight] = field(default_factory=dict)
 
 
 class MemoryRateLimiter(RateLimiter):
@@ -29,22 +36,27 @@ class MemoryRateLimiter(RateLimiter):
             window.requests.popitem(last=False)
         while window.tokens and next(iter(window.tokens.values()))[0] <= cutoff:
             window.tokens.popitem(last=False)
-        stale = [rid for rid, at in window.in_flight.items() if at <= now - self.max_request_s]
+        stale = [
+            rid
+            for rid, request in window.in_flight.items()
+            if request.admitted_at <= now - self.max_request_s
+        ]
         for rid in stale:
             del window.in_flight[rid]
 
     async def _admit(
-        self, tenant_id: str, request_id: str, limits: Limits, tokens: int
+        self, tenant_id: str, request_id: str, limits: Limits, tokens: int, sequences: int
     ) -> WindowState:
         async with self._lock:
             now = time.time()
             window = self._tenants.setdefault(tenant_id, _TenantWindow())
             self._expire(window, now)
             used = sum(amount for _, amount in window.tokens.values())
+            in_flight = window.in_flight.values()
             reason, retry = None, 0.0
             if (
                 limits.max_concurrent_requests is not None
-                and len(window.in_flight) >= limits.max_concurrent_requests
+                and sum(r.sequences for r in in_flight) + sequences > limits.max_concurrent_requests
             ):
                 reason, retry = "concurrency", 1.0
             elif (
@@ -61,10 +73,15 @@ class MemoryRateLimiter(RateLimiter):
                     if used - freed + tokens <= limits.tokens_per_minute:
                         retry = at + self.window_s - now
                         break
+            elif (
+                limits.monthly_tokens_left is not None
+                and sum(r.tokens for r in in_flight) + tokens > limits.monthly_tokens_left
+            ):
+                reason, retry = "quota", 1.0
             if reason is None:
                 window.requests[request_id] = now
                 window.tokens[request_id] = (now, tokens)
-                window.in_flight[request_id] = now
+                window.in_flight[request_id] = _InFlight(now, sequences, tokens)
                 used += tokens
             oldest_request = next(iter(window.requests.values()), now)
             oldest_tokens = next(iter(window.tokens.values()), (now, 0))[0]

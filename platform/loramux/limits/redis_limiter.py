@@ -2,7 +2,8 @@
 
 Each decision is one Lua script, so two replicas can never both admit the last slot.
 Per tenant: a sorted set of admitted request ids by time, a sorted set plus a hash of
-reserved tokens, and a sorted set of requests in flight.
+reserved tokens, and a sorted set of requests in flight with two hashes of their
+sequences (concurrency units) and their reserved tokens (for the monthly quota).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _ADMIT = """
 local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rpm, tpm, conc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local rid, tokens, max_request = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local sequences, quota_left = tonumber(ARGV[9]), tonumber(ARGV[10])
 local cutoff = now - window
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
@@ -24,13 +26,22 @@ if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
   redis.call('HDEL', KEYS[3], unpack(expired))
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - max_request)
+local lost = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - max_request)
+if #lost > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - max_request)
+  redis.call('HDEL', KEYS[5], unpack(lost))
+  redis.call('HDEL', KEYS[6], unpack(lost))
+end
 local nreq = redis.call('ZCARD', KEYS[1])
-local ninflight = redis.call('ZCARD', KEYS[4])
-local used = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[3])) do used = used + tonumber(v) end
+local function total(key)
+  local sum = 0
+  for _, v in ipairs(redis.call('HVALS', key)) do sum = sum + tonumber(v) end
+  return sum
+end
+local used = total(KEYS[3])
+local inflight_seqs, inflight_tokens = total(KEYS[5]), total(KEYS[6])
 local reason, retry = '', 0
-if conc >= 0 and ninflight >= conc then
+if conc >= 0 and inflight_seqs + sequences > conc then
   reason, retry = 'concurrency', 1
 elseif rpm >= 0 and nreq >= rpm then
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -46,16 +57,20 @@ elseif tpm >= 0 and used + tokens > tpm then
       break
     end
   end
+elseif quota_left >= 0 and inflight_tokens + tokens > quota_left then
+  reason, retry = 'quota', 1
 end
 if reason == '' then
   redis.call('ZADD', KEYS[1], now, rid)
   redis.call('ZADD', KEYS[2], now, rid)
   redis.call('HSET', KEYS[3], rid, tokens)
   redis.call('ZADD', KEYS[4], now, rid)
+  redis.call('HSET', KEYS[5], rid, sequences)
+  redis.call('HSET', KEYS[6], rid, tokens)
   nreq, used = nreq + 1, used + tokens
 end
 local ttl = math.ceil(math.max(window, max_request)) + 1
-for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ttl) end
 local oldest_req = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or tostring(now)
 local oldest_tok = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2] or tostring(now)
 return {reason, tostring(retry), nreq, used, oldest_req, oldest_tok}
@@ -66,6 +81,8 @@ if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 end
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])
 return 1
 """
 
@@ -86,14 +103,22 @@ class RedisRateLimiter(RateLimiter):
 
     def _keys(self, tenant_id: str) -> list[str]:
         base = f"{self.key_prefix}:{{{tenant_id}}}"  # one hash slot per tenant on a cluster
-        return [f"{base}:req", f"{base}:tok", f"{base}:tokamt", f"{base}:inflight"]
+        return [
+            f"{base}:req",
+            f"{base}:tok",
+            f"{base}:tokamt",
+            f"{base}:inflight",
+            f"{base}:inflightseq",
+            f"{base}:inflighttok",
+        ]
 
     async def _admit(
-        self, tenant_id: str, request_id: str, limits: Limits, tokens: int
+        self, tenant_id: str, request_id: str, limits: Limits, tokens: int, sequences: int
     ) -> WindowState:
         def arg(value: int | None) -> int:
             return -1 if value is None else value
 
+        quota_left = limits.monthly_tokens_left
         now = time.time()
         reason, retry, nreq, used, oldest_req, oldest_tok = await self._admit_script(
             keys=self._keys(tenant_id),
@@ -106,6 +131,9 @@ class RedisRateLimiter(RateLimiter):
                 request_id,
                 tokens,
                 repr(self.max_request_s),
+                sequences,
+                # -1: no quota (a quota already spent is refused before this script runs)
+                -1 if quota_left is None else max(quota_left, 0),
             ],
         )
         return WindowState(

@@ -185,7 +185,7 @@ def test_metrics_are_exposed_in_prometheus_format(client, make_tenant) -> None: 
         headers=bearer(key),
         json={"model": model, "prompt": "x", "max_tokens": 3},
     ).raise_for_status()
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=admin_headers()).text
     assert 'loramux:requests_total{status="ok"} 1.0' in text
     assert "loramux:time_to_first_token_seconds_count 1.0" in text
     assert "loramux:num_requests_running 0.0" in text
