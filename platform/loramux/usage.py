@@ -9,9 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from loramux.db.models import Adapter, AdapterVersion, Tenant, UsageRecord
+from loramux.db.models import Adapter, AdapterVersion, UsageRecord
 from loramux.db.types import utc_date
-from loramux.errors import QuotaExceeded
 
 
 def month_start(now: datetime | None = None) -> datetime:
@@ -28,14 +27,6 @@ def tokens_this_month(session: Session, tenant_id: str) -> int:
         .where(UsageRecord.created_at >= month_start())
     )
     return int(total or 0)
-
-
-def check_monthly_quota(session: Session, tenant_id: str) -> None:
-    quota = session.scalar(select(Tenant.monthly_token_quota).where(Tenant.id == tenant_id))
-    if quota is not None and tokens_this_month(session, tenant_id) >= quota:
-        raise QuotaExceeded(
-            "You exceeded your monthly token quota; ask your administrator to raise it.",
-        )
 
 
 def record_usage(session: Session, **fields: Any) -> bool:

@@ -73,3 +73,8 @@ def test_prometheus_scrapes_loramux_metrics() -> None:
     [job] = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["loramux:8000"]
+    # /metrics asks for the admin key by default: the scrape sends the one compose holds.
+    secret = job["authorization"]["credentials_file"].rsplit("/", 1)[1]
+    services = _compose()
+    assert services["secrets"][secret]["environment"] == "LORAMUX_ADMIN_KEY"
+    assert secret in services["services"]["prometheus"]["secrets"]
