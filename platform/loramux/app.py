@@ -25,8 +25,14 @@ from loramux.api import (
     model_list,
 )
 from loramux.auth.backend import ApiKeyBackend, on_auth_error
-from loramux.db.session import make_engine, make_session_factory
-from loramux.errors import APIError, api_error_handler, internal_error_handler
+from loramux.db.session import engine_from_settings, make_session_factory
+from loramux.errors import (
+    DEPENDENCY_ERRORS,
+    APIError,
+    api_error_handler,
+    dependency_error_handler,
+    internal_error_handler,
+)
 from loramux.limits import rate_limiter_from_settings
 from loramux.middleware import BodySizeLimit
 from loramux.settings import Settings
@@ -42,7 +48,7 @@ def base_model_id(settings: Settings) -> str:
 def build_state(settings: Settings, *, storage: Any = None, engine: Any = None) -> AppState:
     from loramux.storage import storage_from_settings
 
-    db_engine = make_engine(settings.resolved_database_url)
+    db_engine = engine_from_settings(settings)
     return AppState(
         settings=settings,
         db_engine=db_engine,
@@ -98,7 +104,11 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
                 on_error=on_auth_error,
             ),
         ],
-        exception_handlers={APIError: api_error_handler, Exception: internal_error_handler},
+        exception_handlers={
+            APIError: api_error_handler,
+            **dict.fromkeys(DEPENDENCY_ERRORS, dependency_error_handler),
+            Exception: internal_error_handler,
+        },
         lifespan=lifespan,
     )
     app.state.loramux = app_state

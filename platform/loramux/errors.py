@@ -5,10 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy import exc as sa_exc
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from loramux.storage.errors import StorageUnavailable
+
 logger = logging.getLogger(__name__)
+
+# What a 503 asks a client to wait before retrying: about one dependency timeout.
+RETRY_AFTER_S = 5
 
 
 class APIError(Exception):
@@ -96,6 +104,52 @@ class ServiceUnavailable(APIError):
     type = "server_error"
     code = "service_unavailable"
 
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+
+
+def dependency_unavailable(exc: BaseException) -> ServiceUnavailable | None:
+    """The 503 for a dependency that is down, hung or refusing; None for any other error.
+
+    The one place a registry or storage failure becomes HTTP, wherever it was raised (the
+    auth backend, a route). The message names no host, port, bucket, key or path: those
+    are in the log line written here.
+    """
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        what = "the registry database"
+    elif isinstance(exc, StorageUnavailable):
+        what = "object storage"
+    elif isinstance(exc, RedisConnectionError | RedisTimeoutError):  # the shared limiter
+        what = "the rate limiter"
+    else:
+        return None
+    logger.warning("dependency unavailable (%s): %s", what, exc)
+    return ServiceUnavailable(
+        f"The service is temporarily unavailable ({what}); please retry later."
+    )
+
+
+async def dependency_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    unavailable = dependency_unavailable(exc)
+    if unavailable is None:
+        return await internal_error_handler(request, exc)
+    return unavailable.response()
+
+
+# For the app's exception_handlers: what a dependency outage raises in a route. Any other
+# error (an IntegrityError is a bug) stays with the catch-all 500.
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    StorageUnavailable,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
 
 async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
@@ -103,6 +157,9 @@ async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    unavailable = dependency_unavailable(exc)
+    if unavailable is not None:  # raised outside the routes (a middleware)
+        return unavailable.response()
     # The method and path only: never a body, which may hold prompt text.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     body = APIError("The server had an error while processing your request.").body()

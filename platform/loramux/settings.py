@@ -25,6 +25,30 @@ class Settings(BaseSettings):
     model: str = "smollm2-135m-instruct"
     admin_key: SecretStr | None = None
 
+    # Dependencies fail: every call is bounded, so an interactive request gets its 503
+    # within seconds. The registry: connecting (and waiting for a pooled connection), and
+    # one statement (the server cancels it; we stop waiting a second later). S3: one
+    # connect, one socket read, attempts per call, and no retry starts after the deadline.
+    # /readyz: each check. Shutdown: how long in-flight requests may finish.
+    db_connect_timeout_s: float = 3.0
+    db_statement_timeout_s: float = 5.0
+    s3_connect_timeout_s: float = 2.0
+    s3_read_timeout_s: float = 3.0
+    s3_max_attempts: int = 3
+    s3_deadline_s: float = 5.0
+    readyz_timeout_s: float = 3.0
+    # Redis (the shared rate limiter): connecting, and one command's answer. A Redis that is
+    # down or hung costs a limited tenant a 503 within about that; unlimited tenants never
+    # reach Redis. ``rate_limit_fail_open`` admits without limits instead (logged), for
+    # operators who prefer serving unlimited to refusing while Redis is out.
+    redis_connect_timeout_s: float = 1.0
+    redis_timeout_s: float = 1.0
+    rate_limit_fail_open: bool = False
+    # Usage records the registry could not take are journalled under home and replayed at
+    # start, before an admission while any wait, and every this many seconds.
+    usage_spool_replay_interval_s: float = 5.0
+    shutdown_grace_s: float = 30.0
+
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux.drain import Drain
 from loramux.limits import RateLimiter
 from loramux.metrics import Metrics
 from loramux.settings import Settings
@@ -27,6 +28,8 @@ class AppState:
     engine: Any = None
     # Run when the app shuts down (e.g. stopping the embedded Celery worker).
     shutdown_hooks: list[Callable[[], None]] = field(default_factory=list)
+    # Ends the requests still in flight when the shutdown grace runs out.
+    drain: Drain = field(default_factory=Drain)
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:

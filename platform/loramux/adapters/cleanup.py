@@ -5,7 +5,9 @@ rejected, or a pending upload lease, names that sha256; a staged blob under
 ``uploads/<id>/`` while its upload is pending. Leases expire after
 ``adapter_upload_ttl_s``: that is the grace an upload in flight has before its blobs may
 go. Each deletion re-reads the registry just before it, so an upload that committed
-while the listing ran keeps its blobs.
+while the listing ran keeps its blobs. What a put killed mid-write left behind (a temp
+file under the local store's ``.tmp/``, an S3 multipart upload never completed) goes once
+older than the same TTL.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ FINISHED_UPLOAD_RETENTION = timedelta(days=7)
 @dataclass
 class CleanupReport:
     deleted_blobs: list[str] = field(default_factory=list)
+    removed_partial_uploads: int = 0
     expired_uploads: int = 0
     requeued_versions: list[str] = field(default_factory=list)
     timed_out_versions: list[str] = field(default_factory=list)
@@ -42,6 +45,7 @@ class CleanupReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "deleted_blobs": self.deleted_blobs,
+            "removed_partial_uploads": self.removed_partial_uploads,
             "expired_uploads": self.expired_uploads,
             "requeued_versions": self.requeued_versions,
             "timed_out_versions": self.timed_out_versions,
@@ -170,6 +174,12 @@ def run_cleanup(
         sessions, timedelta(seconds=settings.adapter_validation_timeout_s), now, enqueue, report
     )
     report.deleted_blobs = remove_orphaned_blobs(sessions, storage)
-    if report.deleted_blobs or report.requeued_versions or report.timed_out_versions:
+    report.removed_partial_uploads = storage.remove_partial_uploads(settings.adapter_upload_ttl_s)
+    if (
+        report.deleted_blobs
+        or report.removed_partial_uploads
+        or report.requeued_versions
+        or report.timed_out_versions
+    ):
         log.info("cleanup: %s", report.as_dict())
     return report

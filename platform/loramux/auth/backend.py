@@ -23,7 +23,12 @@ from starlette.responses import JSONResponse
 
 from loramux.auth.keys import hash_secret, looks_like_key, secrets_match
 from loramux.db.models import ApiKey, Tenant
-from loramux.errors import APIError, AuthenticationFailed, PermissionDenied
+from loramux.errors import (
+    APIError,
+    AuthenticationFailed,
+    PermissionDenied,
+    dependency_unavailable,
+)
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 BOOTSTRAP_ADMIN_ID = "bootstrap-admin"
@@ -71,6 +76,12 @@ class ApiKeyBackend(AuthenticationBackend):
             return await self._authenticate(conn)
         except APIError as error:
             raise KeyRejected(error) from error
+        except Exception as error:
+            # Here, outside the routes' error mapping: a registry outage is still a 503.
+            unavailable = dependency_unavailable(error)
+            if unavailable is None:
+                raise
+            raise KeyRejected(unavailable) from error
 
     async def _authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         header = conn.headers.get("authorization")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import math
 import secrets
+import socket
 import sys
 from typing import Any
 
@@ -17,6 +21,7 @@ from loramux.base_models import ModelError
 from loramux.db.migrate import upgrade
 from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
+from loramux.drain import Drain
 from loramux.engine_client import engine_client_from_settings
 from loramux.jobs.embedded import EmbeddedWorker
 from loramux.settings import Settings, get_settings
@@ -25,6 +30,22 @@ from loramux_engine.errors import EngineConfigError, ModelLoadError
 
 DEMO_TENANT = "demo"
 DEMO_KEY_NAME = "make-serve"
+# After the grace, the time requests ended by the drain have to send their last event and
+# write their usage before uvicorn cancels whatever is left.
+DRAIN_MARGIN_S = 5.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, ending requests still in flight when the shutdown grace runs out."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, grace_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().call_later(self.grace_s, self.drain.expire)
+        await super().shutdown(sockets)
 
 
 def bootstrap_demo(settings: Settings) -> tuple[str, str]:
@@ -84,10 +105,14 @@ def main(args: argparse.Namespace) -> int:
         worker = EmbeddedWorker(settings)
         worker.start()
         app_state.shutdown_hooks.append(worker.stop)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, app_state=app_state),
         host=settings.host,
         port=settings.port,
         log_level="info",
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + DRAIN_MARGIN_S),
     )
-    return 0
+    server = DrainingServer(config, app_state.drain, settings.shutdown_grace_s)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from loramux.db.models import Tenant
+from loramux.drain import ShuttingDown
 from loramux.engine_client import INTERACTIVE_PRIORITY, EngineClient
 from loramux.errors import InvalidRequest, ServiceUnavailable
 from loramux.inference import render
@@ -108,6 +109,8 @@ class Generation:
             asyncio.create_task(pump(i, self.request.prompts[i // n]))
             for i in range(self.request.num_choices)
         ]
+        # Shutdown's grace ran out: end here, billed for what was generated (drain.py).
+        undrain = self.app_state.drain.on_expiry(lambda: queue.put_nowait((-1, ShuttingDown())))
         try:
             remaining = len(tasks)
             while remaining:
@@ -144,6 +147,7 @@ class Generation:
             self.status = "error"
             raise
         finally:
+            undrain()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,7 +1,11 @@
-"""A Celery worker started by ``loramux serve`` for the embedded default (SQLite broker).
+"""A Celery worker and beat started by ``loramux serve`` for the embedded default.
 
-It runs as a child process of the server, with the server's settings in its environment,
-the solo pool and an embedded beat for the periodic cleanup; it stops with the server.
+Both run as child processes of the server, with the server's settings in their
+environment: the worker on the solo pool, and beat (the periodic cleanup) beside it, not
+inside it. Each gets the parent-death signal, so each stops with the server however the
+server dies. Beat embedded in the worker (``worker --beat``) would be the worker's child
+instead, which the kernel does not signal when the server dies: a worker still finishing
+a task, wedged, or killed left it running, and orphaned beats kept scheduling tasks.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ def worker_command(*, beat_schedule: Path | None = None, loglevel: str = "INFO")
     return command
 
 
+def beat_command(schedule: Path, *, loglevel: str = "INFO") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "loramux.jobs.app", "beat",
+        "--schedule", str(schedule), "--loglevel", loglevel,
+    ]  # fmt: skip
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the server dies, however it dies (even SIGKILL)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -54,28 +65,37 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedWorker:
-    """``start()`` / ``stop()`` a worker subprocess for ``settings``."""
+    """``start()`` / ``stop()`` the worker and beat subprocesses for ``settings``."""
 
     def __init__(self, settings: Settings, log: IO[bytes] | None = None) -> None:
         self.settings = settings
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.beat: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            worker_command(beat_schedule=self.settings.home / "celerybeat-schedule"),
+    def _spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
+        # Called from the server's main thread: the parent-death signal fires when the
+        # thread that spawned the child exits, and the main thread lives as long as we do.
+        return subprocess.Popen(
+            command,
             env=settings_env(self.settings),
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log is not None else None,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
+    def start(self) -> None:
+        self.process = self._spawn(worker_command())
+        self.beat = self._spawn(beat_command(self.settings.home / "celerybeat-schedule"))
+
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()  # a warm shutdown: the current task finishes first
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        # Beat first, so nothing new is scheduled while the worker finishes its task.
+        for process in (self.beat, self.process):
+            if process is None or process.poll() is not None:
+                continue
+            process.terminate()  # the worker's warm shutdown: the current task finishes
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

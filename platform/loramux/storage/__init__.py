@@ -10,6 +10,7 @@ from loramux.storage.errors import (
     InvalidKey,
     PresignNotSupported,
     StorageError,
+    StorageUnavailable,
 )
 from loramux.storage.factory import storage_from_settings
 from loramux.storage.keys import adapter_key, content_key, file_key, validate_key
@@ -28,6 +29,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageError",
+    "StorageUnavailable",
     "adapter_key",
     "content_key",
     "file_key",

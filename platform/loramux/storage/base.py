@@ -149,6 +149,11 @@ class Storage(ABC):
     def check(self) -> None:
         """Raise ``StorageError`` unless the store is reachable and writable (/readyz)."""
 
+    @abstractmethod
+    def remove_partial_uploads(self, older_than_s: float) -> int:
+        """Remove what puts left half-done (a process killed mid-write) over ``older_than_s``
+        seconds ago; the number removed. Younger ones may still be in flight."""
+
     def open(self, key: str, *, expected_sha256: str | None) -> BlobReader:
         """Stream a blob; pass ``expected_sha256=None`` only where no hash is known."""
         validate_key(key)

@@ -29,6 +29,10 @@ def storage_from_settings(settings: Settings) -> Storage:
             parts.path.strip("/"),
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
+            max_attempts=settings.s3_max_attempts,
+            connect_timeout_s=settings.s3_connect_timeout_s,
+            read_timeout_s=settings.s3_read_timeout_s,
+            deadline_s=settings.s3_deadline_s,
         )
     raise StorageError(
         f"LORAMUX_STORAGE_URL {url!r}: unsupported scheme {parts.scheme!r} "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +20,14 @@ from loramux.storage.base import (
     as_stream,
     check_declared,
 )
-from loramux.storage.errors import BlobNotFound, PresignNotSupported, StorageError
+from loramux.storage.errors import BlobNotFound, PresignNotSupported, StorageUnavailable
 from loramux.storage.keys import validate_key, validate_prefix, validate_sha256
+
+log = logging.getLogger(__name__)
 
 # No key segment may start with ".", so temp files here never show up as blobs.
 TMP_DIR = ".tmp"
+NOT_WRITABLE = "is not writable"
 NO_PRESIGN = (
     "presigned URLs need an S3-compatible store (LORAMUX_STORAGE_URL=s3://...); "
     "the local directory backend transfers blobs through the API only"
@@ -53,20 +58,26 @@ class LocalStorage(Storage):
         if sha256 is not None:
             validate_sha256(sha256)
         tmp_dir = self.root / TMP_DIR
-        tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / uuid.uuid4().hex
         hasher, size, stream = hashlib.sha256(), 0, as_stream(data)
         try:
-            with tmp.open("wb") as out:
+            # Only the directory's own failures are "unavailable"; the source's go as they are.
+            with _unavailable(NOT_WRITABLE):
+                tmp_dir.mkdir(parents=True, exist_ok=True)
+                out = tmp.open("wb")
+            with out:
                 for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
                     hasher.update(chunk)
                     size += len(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                    with _unavailable(NOT_WRITABLE):
+                        out.write(chunk)
+                with _unavailable(NOT_WRITABLE):
+                    out.flush()
+                    os.fsync(out.fileno())
             check_declared(key, sha256, hasher.hexdigest())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
+            with _unavailable(NOT_WRITABLE):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -116,11 +127,37 @@ class LocalStorage(Storage):
         raise PresignNotSupported(NO_PRESIGN)
 
     def check(self) -> None:
-        try:
+        with _unavailable(NOT_WRITABLE):
             tmp_dir = self.root / TMP_DIR
             tmp_dir.mkdir(parents=True, exist_ok=True)
             probe = tmp_dir / f"probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"ok")
             probe.unlink()
-        except OSError as error:
-            raise StorageError(f"storage directory {self.root} is not writable: {error}") from error
+
+    def remove_partial_uploads(self, older_than_s: float) -> int:
+        """Temp files under ``.tmp/`` (a put killed before its rename) older than that."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        tmp_dir = self.root / TMP_DIR
+        with _unavailable("cannot be listed"):
+            entries = list(os.scandir(tmp_dir)) if tmp_dir.is_dir() else []
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # finished or removed meanwhile
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """A failing directory (full, read-only, gone) is unavailable storage; its path is
+    logged here and never put in the message, which may reach a tenant."""
+    try:
+        yield
+    except (BlobNotFound, StorageUnavailable):
+        raise
+    except OSError as error:
+        log.warning("storage directory: %s: %s", what, error)
+        reason = os.strerror(error.errno) if error.errno else type(error).__name__
+        raise StorageUnavailable(f"the storage directory {what} ({reason})") from error

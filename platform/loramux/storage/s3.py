@@ -3,7 +3,12 @@
 Credentials come from boto3's standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
 profiles, instance roles). Objects larger than one part go up as a multipart upload
 that is completed only after the whole stream hashed right, and aborted otherwise,
-so a failed or rejected put never leaves an object or a dangling upload behind.
+so a failed or rejected put never leaves an object or a dangling upload behind; a
+process killed mid-upload leaves one that ``remove_partial_uploads`` aborts later.
+
+Every call is bounded: a connect timeout, a read timeout on every socket read (a stalled
+transfer fails, a long one does not), a few attempts, and no new attempt once a call has
+run ``deadline_s``. A store that is down or hung costs a request seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import boto3
@@ -19,27 +27,43 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from loramux.storage.base import BlobInfo, RawStream, Storage, as_stream, check_declared, read_exact
-from loramux.storage.errors import BlobNotFound, StorageError
+from loramux.storage.errors import BlobNotFound, StorageUnavailable
 from loramux.storage.keys import validate_key, validate_prefix, validate_sha256
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+log = logging.getLogger(__name__)
+
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DEADLINE = "loramux_deadline"
+
+
+class DeadlineExceeded(BotoCoreError):
+    """No retry starts once a call has run its deadline (not retryable itself)."""
+
+    fmt = "no further attempt: the call's deadline of {deadline_s} s has passed"
 
 
 @contextlib.contextmanager
 def _s3_errors(key: str | None = None) -> Iterator[None]:
+    """Map botocore's errors to ours; the details (endpoint, bucket, key) only to the log."""
     try:
         yield
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         if key is not None and code in _NOT_FOUND:
             raise BlobNotFound(key) from None
-        raise StorageError(f"S3 request failed ({code or 'unknown'}): {error}") from error
+        log.warning("S3 request failed (key %s): %s", key, error)
+        raise StorageUnavailable(
+            f"object storage refused the request ({code or 'unknown'})"
+        ) from error
     except BotoCoreError as error:
-        raise StorageError(f"S3 unreachable: {error}") from error
+        log.warning("S3 unreachable (key %s): %s", key, error)
+        raise StorageUnavailable(f"object storage is unreachable ({type(error).__name__})") from (
+            error
+        )
 
 
 class _Body:
@@ -68,9 +92,10 @@ class S3Storage(Storage):
         region: str = "us-east-1",
         addressing_style: Literal["auto", "virtual", "path"] = "path",
         part_size: int = 8 * 1024 * 1024,
-        max_attempts: int = 5,
-        connect_timeout_s: float = 10.0,
-        read_timeout_s: float = 60.0,
+        max_attempts: int = 3,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 3.0,
+        deadline_s: float = 5.0,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
@@ -78,6 +103,7 @@ class S3Storage(Storage):
         self.bucket = bucket
         self.prefix = f"{validate_key(prefix)}/" if prefix else ""
         self.part_size = part_size
+        self.deadline_s = deadline_s
         config = Config(
             region_name=region,
             signature_version="s3v4",
@@ -94,6 +120,16 @@ class S3Storage(Storage):
         self.client: S3Client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, config=config
         )
+        self.client.meta.events.register("before-send.s3", self._check_deadline)
+
+    def _check_deadline(self, request: Any, **_: Any) -> None:
+        """Before each attempt: start the call's clock, or stop retrying past its deadline."""
+        context = request.context
+        now = time.monotonic()
+        if context.get("retries", {}).get("attempt", 1) <= 1 or _DEADLINE not in context:
+            context[_DEADLINE] = now + self.deadline_s
+        elif now >= context[_DEADLINE]:
+            raise DeadlineExceeded(deadline_s=self.deadline_s)
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -199,3 +235,34 @@ class S3Storage(Storage):
     def check(self) -> None:
         with _s3_errors():
             self.client.head_bucket(Bucket=self.bucket)
+
+    def remove_partial_uploads(self, older_than_s: float) -> int:
+        """Abort multipart uploads under this prefix idle for over ``older_than_s``.
+
+        Idle since their last part, or since they began if no part came: an upload still
+        sending parts is in flight however long ago it began.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        aborted = 0
+        with _s3_errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", []):
+                    key, upload_id = upload["Key"], upload["UploadId"]
+                    if upload["Initiated"] > cutoff or self._last_part_at(key, upload_id) > cutoff:
+                        continue
+                    with contextlib.suppress(ClientError):  # finished or aborted meanwhile
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=key, UploadId=upload_id
+                        )
+                        aborted += 1
+        return aborted
+
+    def _last_part_at(self, key: str, upload_id: str) -> datetime:
+        latest = datetime.min.replace(tzinfo=UTC)
+        paginator = self.client.get_paginator("list_parts")
+        with contextlib.suppress(ClientError):  # finished or aborted meanwhile
+            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                for part in page.get("Parts", []):
+                    latest = max(latest, part["LastModified"])
+        return latest

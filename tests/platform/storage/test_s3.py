@@ -44,7 +44,8 @@ def test_client_settings_for_s3_compatible_stores(s3_storage: S3Storage) -> None
     assert config.response_checksum_validation == "when_required"
     assert config.s3 == {"addressing_style": "path"}
     assert config.signature_version == "s3v4"
-    assert config.retries == {"total_max_attempts": 5, "mode": "standard"}
+    assert config.retries == {"total_max_attempts": 3, "mode": "standard"}
+    assert (config.connect_timeout, config.read_timeout) == (2.0, 3.0)
 
 
 def test_requests_carry_no_crc_checksums(s3_storage: S3Storage) -> None:
