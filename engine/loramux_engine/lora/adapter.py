@@ -7,7 +7,6 @@ peft_config), then the safetensors header (names, dtypes, shapes), then the valu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from loramux_engine.lora.peft_config import ResolvedLoRAConfig, resolve_peft_con
 from loramux_engine.lora.safetensors_header import TensorEntry, read_header
 from loramux_engine.lora.shape import BaseModelShape, module_key
 from loramux_engine.lora.values import check_lora_scales, check_lora_values, tensor_absmax
+from loramux_engine.utils import bounded_json
 
 # What PEFT's save_pretrained writes for a LlamaForCausalLM: the module key under the
 # PeftModel's `base_model.model.` prefix, then lora_A / lora_B.
@@ -56,10 +56,11 @@ def tensor_names(layer: int, projection: str) -> tuple[str, str]:
 
 def parse_config_bytes(config_bytes: bytes) -> Mapping[str, Any]:
     try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # Tenant JSON: nesting, integer length and non-finite numbers bounded.
+        config = bounded_json.loads(config_bytes)
+    except bounded_json.JSONLimitError as error:
         raise UnsupportedAdapterError(
-            "unsupported adapter: adapter_config.json is not valid JSON"
+            f"unsupported adapter: adapter_config.json is not valid JSON ({error})"
         ) from error
     if not isinstance(config, dict):
         raise UnsupportedAdapterError("unsupported adapter: adapter_config.json is not an object")

@@ -4,18 +4,29 @@ Target matching, ``rank_pattern``/``alpha_pattern`` lookup and scaling follow PE
 (peft.tuners.tuners_utils.check_target_module_exists, peft.utils.other.get_pattern_key,
 LoraLayer.update_layer) so that an adapter means here exactly what it means in PEFT.
 Everything we cannot apply is refused with an :class:`UnsupportedAdapterError`.
+
+Patterns are tenant text and never reach ``re``: each is matched once against the base
+model's finite list of module names by the bounded matcher in :mod:`.patterns`, which gives
+``re``'s answer in work capped per config (the same count at upload, in validation and in
+the engine's loader, so all three reach the same result). ``layers_pattern`` must be a plain
+module name (``layers``, ``h``, ``blocks``).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from loramux_engine.lora.errors import UnsupportedAdapterError
-from loramux_engine.lora.shape import BaseModelShape
+from loramux_engine.lora.patterns import Budget, ModuleNames, fullmatch_pattern, suffix_pattern
+from loramux_engine.lora.shape import PROJECTIONS, BaseModelShape, module_key
+
+# rank_pattern and alpha_pattern keys each (PEFT writes one per module at most, and a
+# 64 KiB config holds fewer anyway); the work budget bounds what they cost together.
+MAX_PATTERN_KEYS = 1024
 
 # init_lora_weights values that only change how training started; the others (pissa,
 # olora, corda, loftq, lora_ga, mica) rewrite the base weights or change the forward.
@@ -61,6 +72,12 @@ class ResolvedLoRAConfig:
     def target_projections(self) -> tuple[str, ...]:
         return tuple(sorted({projection for _, projection in self.targets}))
 
+    @property
+    def target_module_keys(self) -> tuple[str, ...]:
+        """The adapted modules' full names, in model order, as PEFT's targeted_module_names."""
+        order = sorted(self.targets, key=lambda target: (target[0], PROJECTIONS.index(target[1])))
+        return tuple(module_key(layer, projection) for layer, projection in order)
+
 
 def _refuse(reason: str) -> UnsupportedAdapterError:
     return UnsupportedAdapterError(f"unsupported adapter: {reason}")
@@ -78,25 +95,32 @@ def _check_alpha(value: Any, where: str) -> float:
     return float(value)
 
 
-def _check_patterns(value: Any, name: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-        raise _refuse(f"{name} must map module name patterns to values")
-    for key in value:
-        try:
-            re.compile(key)
-        except re.error as error:
-            raise _refuse(f"{name} key {key!r} is not a valid regular expression") from error
-    return value
+class _PatternLookup:
+    """PEFT's get_pattern_key over ``rank_pattern`` or ``alpha_pattern``: the first key, in
+    the config's order, that matches a dotted suffix of the module."""
 
+    def __init__(self, value: Any, name: str) -> None:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise _refuse(f"{name} must map module name patterns to values")
+        if len(value) > MAX_PATTERN_KEYS:
+            raise _refuse(f"{name} has {len(value)} keys, over the limit of {MAX_PATTERN_KEYS}")
+        self.values: dict[str, Any] = value
+        self.name = name
 
-def pattern_key(pattern_keys: Sequence[str], module: str) -> str:
-    """PEFT's get_pattern_key: the first pattern matching a dotted suffix of the module."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return module
+    def resolve(self, names: ModuleNames, budget: Budget) -> dict[str, str]:
+        """Module -> the key PEFT's get_pattern_key picks for it, for the modules a key matches."""
+        patterns = [suffix_pattern(key, f"{self.name} key", budget) for key in self.values]
+        keys: dict[str, str] = {}
+        remaining = set(names.names)
+        for key, pattern in zip(self.values, patterns, strict=True):
+            if not remaining:
+                break
+            for module in pattern.matching(names, budget) & remaining:
+                keys[module] = key
+                remaining.discard(module)
+        return keys
 
 
 def _names(value: Any, name: str) -> str | list[str] | None:
@@ -118,33 +142,58 @@ def _matches_list(names: set[str], key: str) -> bool:
     return any(suffix in names for suffix in _dotted_suffixes(key))
 
 
-def _layer_index(key: str, layers_pattern: Any) -> int | None:
+def _layers_pattern(value: Any) -> list[str]:
+    """PEFT accepts a regular expression here; we take plain names, the ones models use."""
+    if not value:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(
+        isinstance(name, str) and name.isascii() and name.isidentifier() for name in names
+    ):
+        raise _refuse(
+            "layers_pattern must name the model's list of layers (for example 'layers'), "
+            "or be a list of such names; regular expressions are not accepted"
+        )
+    return names
+
+
+def _layer_index(key: str, layers_pattern: list[str]) -> int | None:
+    """PEFT's layer index of a module key, without a regular expression.
+
+    Without a layers_pattern PEFT takes ``re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)``:
+    the first dotted part after the first one that is followed by a part of decimal digits
+    and then a dot. With plain names, ``re.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", key)``
+    is the first part equal to the name followed the same way; names are tried in order.
+    """
+    parts = key.split(".")
+    # Part i is followed by digits (part i + 1) and then a dot (so a part i + 2 exists).
+    indexed = [i for i in range(len(parts) - 2) if parts[i + 1].isdecimal()]
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        found = next((i for i in indexed if i >= 1), None)
     else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
+        found = next((i for name in layers_pattern for i in indexed if parts[i] == name), None)
+    return None if found is None else int(parts[found + 1])
+
+
+@lru_cache(maxsize=8)
+def _module_names(shape: BaseModelShape) -> tuple[frozenset[str], ModuleNames]:
+    """Every dotted suffix of a module name PEFT's matching sees on this model (what a
+    target_modules list may name), and those names for patterns."""
+    keys = [key for _, _, key in shape.projection_keys()] + list(shape.other_module_keys())
+    return frozenset(suffix for key in keys for suffix in _dotted_suffixes(key)), ModuleNames(keys)
 
 
 class _TargetMatcher:
-    """PEFT's check_target_module_exists for one config."""
+    """PEFT's check_target_module_exists for one config, over the base model's modules."""
 
-    def __init__(self, config: Mapping[str, Any], shape: BaseModelShape) -> None:
+    def __init__(self, config: Mapping[str, Any], shape: BaseModelShape, budget: Budget) -> None:
         targets = _names(config.get("target_modules"), "target_modules")
         if targets is None:
             raise _refuse("target_modules is missing; list the projections the adapter adapts")
         if isinstance(targets, str) and targets.lower() == "all-linear":
             targets = [key for _, _, key in shape.projection_keys()]
-        self.targets: str | set[str] = targets if isinstance(targets, str) else set(targets)
-        exclude = _names(config.get("exclude_modules"), "exclude_modules")
-        self.exclude: str | set[str] = exclude if isinstance(exclude, str) else set(exclude or ())
         self.layers = config.get("layers_to_transform")
-        self.layers_pattern = config.get("layers_pattern")
+        self.layers_pattern = _layers_pattern(config.get("layers_pattern"))
         if isinstance(targets, str) and (self.layers is not None or self.layers_pattern):
             raise _refuse("layers_to_transform and layers_pattern need target_modules as a list")
         if self.layers is not None and not (
@@ -152,15 +201,27 @@ class _TargetMatcher:
             or (isinstance(self.layers, list) and all(isinstance(i, int) for i in self.layers))
         ):
             raise _refuse("layers_to_transform must be a layer index or a list of them")
+        exclude = _names(config.get("exclude_modules"), "exclude_modules")
+        _, names = _module_names(shape)
+        # A string is a pattern, matched once here against every module of the model.
+        self.targets: set[str] = (
+            fullmatch_pattern(targets, "target_modules", budget).matching(names, budget)
+            if isinstance(targets, str)
+            else set(targets)
+        )
+        self.targets_pattern = isinstance(targets, str)
+        self.excluded: set[str] = (
+            fullmatch_pattern(exclude, "exclude_modules", budget).matching(names, budget)
+            if isinstance(exclude, str)
+            else set()
+        )
+        self.exclude_names: set[str] = set(exclude) if isinstance(exclude, list) else set()
 
     def __call__(self, key: str) -> bool:
-        if isinstance(self.exclude, str):
-            if re.fullmatch(self.exclude, key):
-                return False
-        elif self.exclude and _matches_list(self.exclude, key):
+        if key in self.excluded or (self.exclude_names and _matches_list(self.exclude_names, key)):
             return False
-        if isinstance(self.targets, str):
-            return re.fullmatch(self.targets, key) is not None
+        if self.targets_pattern:
+            return key in self.targets
         if key in self.targets:
             return True
         found = _matches_list(self.targets, key)
@@ -202,34 +263,38 @@ def resolve_peft_config(
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _refuse("use_rslora must be true or false")
-    rank_pattern = _check_patterns(config.get("rank_pattern"), "rank_pattern")
-    alpha_pattern = _check_patterns(config.get("alpha_pattern"), "alpha_pattern")
-    matcher = _TargetMatcher(config, shape)
+    rank_pattern = _PatternLookup(config.get("rank_pattern"), "rank_pattern")
+    alpha_pattern = _PatternLookup(config.get("alpha_pattern"), "alpha_pattern")
+    budget = Budget()
+    matcher = _TargetMatcher(config, shape, budget)
 
     for key in shape.other_module_keys():
         if matcher(key):
             what = "embeddings or lm_head" if key.endswith(("embed_tokens", "lm_head")) else key
             raise _refuse(f"LoRA on {what} is not supported; target linear projections only")
-    if isinstance(matcher.targets, set):
-        known = [key for _, _, key in shape.projection_keys()] + list(shape.other_module_keys())
-        unknown = matcher.targets.difference(*(_dotted_suffixes(key) for key in known))
+    if not matcher.targets_pattern:
+        known, _ = _module_names(shape)
+        unknown = matcher.targets - known
         if unknown:
             raise _refuse(
                 f"target_modules {sorted(unknown)} are not modules of a LLaMA-family model"
             )
 
+    adapted = [target for target in shape.projection_keys() if matcher(target[2])]
+    if not adapted:
+        raise _refuse("target_modules match none of the base model's projections")
+    modules = ModuleNames(key for _, _, key in adapted)
+    rank_keys = rank_pattern.resolve(modules, budget)
+    alpha_keys = alpha_pattern.resolve(modules, budget)
     targets: dict[tuple[int, str], ProjectionTarget] = {}
-    for layer, projection, key in shape.projection_keys():
-        if not matcher(key):
-            continue
+    for layer, projection, key in adapted:
+        # PEFT looks the module's own name up when no key matches it.
         rank = _check_rank(
-            rank_pattern.get(pattern_key(list(rank_pattern), key), r), max_rank, f"rank of {key}"
+            rank_pattern.values.get(rank_keys.get(key, key), r), max_rank, f"rank of {key}"
         )
         alpha = _check_alpha(
-            alpha_pattern.get(pattern_key(list(alpha_pattern), key), lora_alpha), f"alpha of {key}"
+            alpha_pattern.values.get(alpha_keys.get(key, key), lora_alpha), f"alpha of {key}"
         )
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         targets[(layer, projection)] = ProjectionTarget(rank=rank, scale=scale)
-    if not targets:
-        raise _refuse("target_modules match none of the base model's projections")
     return ResolvedLoRAConfig(targets=targets, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)

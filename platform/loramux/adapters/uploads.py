@@ -20,8 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.adapters import idempotency, registry
+from loramux.adapters.base_shape import base_model_shape
 from loramux.adapters.config_check import ConfigSummary, check_config_bytes
 from loramux.adapters.errors import AdapterRejected
+from loramux.base_models import ModelError
 from loramux.db.models import AdapterUpload, Tenant
 from loramux.db.session import transaction
 from loramux.errors import Conflict, InvalidRequest, ServiceUnavailable
@@ -105,7 +107,14 @@ class AdapterUploads:
         """The checks both upload flows make before anything is stored."""
         name = registry.validate_adapter_name(name, self.base_model_id)
         try:
-            summary = check_config_bytes(config_raw, self.settings.max_lora_rank)
+            shape = base_model_shape(self.settings)
+        except ModelError as error:
+            log.error("cannot check adapters against the base model: %s", error)
+            raise ServiceUnavailable(
+                "the base model is not available to check adapters against; retry later"
+            ) from None
+        try:
+            summary = check_config_bytes(config_raw, shape, self.settings.max_lora_rank)
         except AdapterRejected as error:
             raise rejected(error, "config") from None
         if weights_bytes > self.settings.max_adapter_bytes:

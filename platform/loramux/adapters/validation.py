@@ -17,7 +17,7 @@ from loramux.adapters.errors import AdapterRejected
 from loramux_engine.lora.adapter import check_values, check_weights_header
 from loramux_engine.lora.errors import UnsupportedAdapterError
 from loramux_engine.lora.files import WEIGHTS_NAME
-from loramux_engine.lora.peft_config import ResolvedLoRAConfig, resolve_peft_config
+from loramux_engine.lora.peft_config import ResolvedLoRAConfig
 from loramux_engine.lora.safetensors_header import read_header_stream
 from loramux_engine.lora.shape import BaseModelShape
 
@@ -35,9 +35,9 @@ def validate_adapter_files(
     """Raise ``AdapterRejected`` with the reason, or describe the adapter the engine will see."""
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterRejected(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
-    summary = check_config_bytes(config_path.read_bytes(), max_rank)
+    summary = check_config_bytes(config_path.read_bytes(), shape, max_rank)
+    resolved = summary.resolved
     try:
-        resolved = resolve_peft_config(summary.config, shape, max_rank)
         with weights_path.open("rb") as stream:
             header = read_header_stream(
                 stream, weights_path.stat().st_size, max_tensors=shape.max_adapter_tensors
@@ -47,9 +47,7 @@ def validate_adapter_files(
         raise AdapterRejected(str(error)) from None
     _check_values(resolved, weights_path)
     return ValidatedAdapter(
-        rank=resolved.max_rank,
-        alpha=resolved.lora_alpha,
-        target_modules=list(resolved.target_projections),
+        rank=summary.rank, alpha=summary.alpha, target_modules=summary.target_modules
     )
 
 

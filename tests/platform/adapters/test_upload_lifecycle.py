@@ -35,11 +35,18 @@ def test_peft_adapter_becomes_ready_on_s3_through_the_worker(  # type: ignore[no
     assert body["object"] == "adapter"
     assert (body["name"], body["version"], body["status"]) == ("support-bot", 1, "validating")
     assert body["sha256"] == expected_sha
+    # Resolved at upload against the base model (4 layers): full names, in model order.
+    resolved = [
+        f"model.layers.{layer}.{module}"
+        for layer in range(4)
+        for module in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    ]
+    assert body["target_modules"] == resolved
 
     version = wait_validated(body["version_id"])
     assert version.status == "ready", version.reason
     assert (version.rank, version.alpha) == (8, 16.0)
-    assert version.target_modules == ["down_proj", "q_proj", "v_proj"]
+    assert version.target_modules == resolved
 
     shown = client.get("/v1/adapters/support-bot", headers=bearer(secret)).json()
     assert (shown["status"], shown["reason"], shown["ready_version"]) == ("ready", None, 1)
