@@ -26,10 +26,22 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from loramux_engine.lora.errors import UnsupportedAdapterError
+from loramux_engine.lora.pattern_syntax import (
+    ANY,
+    Alt,
+    Anchor,
+    Char,
+    CharSet,
+    Group,
+    Node,
+    Refused,
+    Seq,
+    node_size,
+    parse,
+    reverse,
+)
 
 MAX_PATTERN_CHARS = 512
-MAX_NESTING = 32
-MAX_REPEAT = 64
 MAX_NFA_STATES = 2048
 # Work units for all the patterns of one config, each a microsecond or two of Python: an
 # NFA state built or visited, a trie edge walked, PARSE_COST per pattern character parsed,
@@ -42,8 +54,6 @@ STATE_COST = 8
 # A key without these is plain characters and "." (any character but a newline).
 _META = frozenset("\\[{()*+?^$|")
 
-_ESCAPES = {"a": "\a", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
-_CATEGORIES = "dDwWsS"
 _SUBSET = (
     "module name patterns may use literals, \\-escaped punctuation, \\d \\w \\s, '.', [...], "
     "(...), (?:...), |, * + ? {m,n} and ^ $"
@@ -67,286 +77,20 @@ class Budget:
             )
 
 
-def _in_category(category: str, char: str) -> bool:
-    # As re's Unicode categories for str patterns: \d is isdecimal, \w isalnum or "_".
-    kind = category.lower()
-    if kind == "d":
-        hit = char.isdecimal()
-    elif kind == "w":
-        hit = char.isalnum() or char == "_"
-    else:
-        hit = char.isspace()
-    return hit != category.isupper()
-
-
-@dataclass(frozen=True, slots=True)
-class _CharSet:
-    negate: bool = False
-    chars: frozenset[str] = frozenset()
-    ranges: tuple[tuple[str, str], ...] = ()
-    categories: str = ""
-
-    def __contains__(self, char: str) -> bool:
-        if char in self.chars:
-            hit = True
-        else:
-            hit = any(lo <= char <= hi for lo, hi in self.ranges) or any(
-                _in_category(category, char) for category in self.categories
-            )
-        return hit != self.negate
-
-    @property
-    def single(self) -> str | None:
-        """The one character this set is, if it is one literal."""
-        if self.negate or self.ranges or self.categories or len(self.chars) != 1:
-            return None
-        return next(iter(self.chars))
-
-
-_ANY = _CharSet(negate=True, chars=frozenset("\n"))
-
-
-@dataclass(frozen=True, slots=True)
-class _Char:
-    chars: _CharSet
-
-
-@dataclass(frozen=True, slots=True)
-class _Anchor:
-    end: bool  # "$" if true, else "^"
-
-
-@dataclass(frozen=True, slots=True)
-class _Group:
-    item: _Node
-
-
-@dataclass(frozen=True, slots=True)
-class _Seq:
-    items: tuple[_Node, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Alt:
-    options: tuple[_Node, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Repeat:
-    item: _Node
-    min: int
-    max: int | None
-
-
-_Node = _Char | _Anchor | _Group | _Seq | _Alt | _Repeat
-# An escape, in or out of a class: ("lit", char) or ("cat", one of _CATEGORIES).
-_Escape = tuple[str, str]
-
-
-class _Parser:
-    """A recursive-descent parser that accepts a pattern only as ``re`` would read it."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-        self.depth = 0
-
-    def refuse(self, reason: str) -> _Refused:
-        return _Refused(reason, invalid=False)
-
-    def invalid(self, reason: str) -> _Refused:
-        return _Refused(reason, invalid=True)
-
-    def peek(self) -> str | None:
-        return self.text[self.pos] if self.pos < len(self.text) else None
-
-    def take(self, char: str) -> bool:
-        if self.peek() == char:
-            self.pos += 1
-            return True
-        return False
-
-    def next(self, unterminated: str) -> str:
-        char = self.peek()
-        if char is None:
-            raise self.invalid(unterminated)
-        self.pos += 1
-        return char
-
-    def parse(self) -> _Node:
-        node = self.alternation()
-        if self.pos < len(self.text):
-            raise self.invalid("unbalanced parenthesis")
-        return node
-
-    def alternation(self) -> _Node:
-        options = [self.sequence()]
-        while self.take("|"):
-            options.append(self.sequence())
-        return options[0] if len(options) == 1 else _Alt(tuple(options))
-
-    def sequence(self) -> _Node:
-        items: list[_Node] = []
-        while (char := self.peek()) is not None and char not in "|)":
-            self.pos += 1
-            if char in "*+?{":
-                bounds = self.quantifier(char)
-                if bounds is None:  # a "{" that starts no quantifier is a literal, as in re
-                    items.append(_Char(_CharSet(chars=frozenset(char))))
-                    continue
-                if not items or isinstance(items[-1], _Anchor):
-                    raise self.invalid("nothing to repeat")
-                if isinstance(items[-1], _Repeat):
-                    raise self.invalid("multiple repeat")
-                if self.peek() == "+":
-                    raise self.refuse("possessive quantifiers are not supported")
-                self.take("?")  # lazy: the same texts match
-                items[-1] = _Repeat(items[-1], *bounds)
-            elif char == "\\":
-                items.append(_Char(_as_set(self.escape())))
-            elif char == "[":
-                items.append(_Char(self.char_class()))
-            elif char == ".":
-                items.append(_Char(_ANY))
-            elif char in "^$":
-                items.append(_Anchor(end=char == "$"))
-            elif char == "(":
-                items.append(self.group())
-            else:
-                items.append(_Char(_CharSet(chars=frozenset(char))))
-        return items[0] if len(items) == 1 else _Seq(tuple(items))
-
-    def quantifier(self, char: str) -> tuple[int, int | None] | None:
-        if char != "{":
-            return {"*": (0, None), "+": (1, None), "?": (0, 1)}[char]
-        if self.peek() == "}":
-            return None
-        start = self.pos
-        low = self.digits()
-        high = self.digits() if self.take(",") else low
-        if not self.take("}"):
-            self.pos = start
-            return None
-        minimum = int(low) if low else 0
-        maximum = int(high) if high else None
-        if maximum is not None and maximum < minimum:
-            raise self.invalid("min repeat greater than max repeat")
-        if minimum > MAX_REPEAT or (maximum or 0) > MAX_REPEAT:
-            raise self.refuse(f"repeat counts above {MAX_REPEAT} are not supported")
-        return minimum, maximum
-
-    def digits(self) -> str:
-        start = self.pos
-        while (char := self.peek()) is not None and char in "0123456789":
-            self.pos += 1
-        return self.text[start : self.pos]
-
-    def escape(self) -> _Escape:
-        char = self.next("a pattern may not end with a backslash")
-        if char in _CATEGORIES:
-            return "cat", char
-        if char in _ESCAPES:
-            return "lit", _ESCAPES[char]
-        if char.isascii() and char.isalnum():
-            if char.isdigit() or char in "xuUNbBAZ":
-                raise self.refuse(f"the escape \\{char} is not supported")
-            raise self.invalid(f"bad escape \\{char}")
-        return "lit", char
-
-    def char_class(self) -> _CharSet:
-        if self.peek() == "[":
-            raise self.refuse("nested sets are not supported")
-        negate = self.take("^")
-        items: list[_Escape] = []
-        ranges: list[tuple[str, str]] = []
-        while True:
-            char = self.next("unterminated character set")
-            if char == "]" and (items or ranges):
-                break
-            if char == "\\":
-                item = self.escape()
-            else:
-                if (items or ranges) and char in "-&~|" and self.peek() == char:
-                    raise self.refuse(f"{char * 2} in a set is not supported")
-                item = ("lit", char)
-            if not self.take("-"):
-                items.append(item)
-                continue
-            end = self.next("unterminated character set")
-            if end == "]":  # "[a-]": the "-" is a literal
-                items += [item, ("lit", "-")]
-                break
-            if end == "-":
-                raise self.refuse("-- in a set is not supported")
-            high = self.escape() if end == "\\" else ("lit", end)
-            if item[0] != "lit" or high[0] != "lit" or high[1] < item[1]:
-                raise self.invalid("bad character range")
-            ranges.append((item[1], high[1]))
-        return _CharSet(
-            negate,
-            frozenset(value for kind, value in items if kind == "lit"),
-            tuple(ranges),
-            "".join(value for kind, value in items if kind == "cat"),
-        )
-
-    def group(self) -> _Node:
-        if self.take("?") and not self.take(":"):
-            raise self.refuse(
-                "only (...) and (?:...) groups are supported (no lookaround, flags, "
-                "named or atomic groups)"
-            )
-        self.depth += 1
-        if self.depth > MAX_NESTING:
-            raise self.refuse(f"groups nested over {MAX_NESTING} deep are not supported")
-        item = self.alternation()
-        if not self.take(")"):
-            raise self.invalid("missing ), unterminated subpattern")
-        self.depth -= 1
-        return _Group(item)
-
-
-class _Refused(Exception):
-    """A pattern outside the subset (``invalid``: one ``re`` would not compile either)."""
-
-    def __init__(self, reason: str, *, invalid: bool) -> None:
-        super().__init__(reason)
-        self.invalid = invalid
-
-
-def _as_set(escape: _Escape) -> _CharSet:
-    kind, value = escape
-    return _CharSet(categories=value) if kind == "cat" else _CharSet(chars=frozenset(value))
-
-
-def _size(node: _Node) -> int:
-    """NFA states that :meth:`_Nfa.build` makes for ``node``."""
-    if isinstance(node, _Char | _Anchor):
-        return 1
-    if isinstance(node, _Group):
-        return _size(node.item)
-    if isinstance(node, _Seq):
-        return sum(_size(item) for item in node.items)
-    if isinstance(node, _Alt):
-        return sum(_size(option) for option in node.options) + len(node.options) - 1
-    item = _size(node.item)
-    optional = item + 1 if node.max is None else (node.max - node.min) * (item + 1)
-    return node.min * item + optional
-
-
 _CHAR, _SPLIT, _BOL, _EOL, _MATCH = range(5)
 
 
 @dataclass
 class _Nfa:
     kinds: list[int] = field(default_factory=list)
-    chars: list[_CharSet | None] = field(default_factory=list)
+    chars: list[CharSet | None] = field(default_factory=list)
     out1: list[int] = field(default_factory=list)
     out2: list[int] = field(default_factory=list)
     # What testing a character against the state costs: its ranges and categories too.
     costs: list[int] = field(default_factory=list)
     start: int = -1
 
-    def add(self, kind: int, out1: int = -1, out2: int = -1, chars: _CharSet | None = None) -> int:
+    def add(self, kind: int, out1: int = -1, out2: int = -1, chars: CharSet | None = None) -> int:
         self.kinds.append(kind)
         self.chars.append(chars)
         self.out1.append(out1)
@@ -354,19 +98,19 @@ class _Nfa:
         self.costs.append(1 + (len(chars.ranges) + len(chars.categories) if chars else 0))
         return len(self.kinds) - 1
 
-    def build(self, node: _Node, after: int) -> int:
+    def build(self, node: Node, after: int) -> int:
         """The start state of ``node``, whose matches continue at ``after``."""
-        if isinstance(node, _Char):
+        if isinstance(node, Char):
             return self.add(_CHAR, after, chars=node.chars)
-        if isinstance(node, _Anchor):
+        if isinstance(node, Anchor):
             return self.add(_EOL if node.end else _BOL, after)
-        if isinstance(node, _Group):
+        if isinstance(node, Group):
             return self.build(node.item, after)
-        if isinstance(node, _Seq):
+        if isinstance(node, Seq):
             for item in reversed(node.items):
                 after = self.build(item, after)
             return after
-        if isinstance(node, _Alt):
+        if isinstance(node, Alt):
             start = self.build(node.options[-1], after)
             for option in reversed(node.options[:-1]):
                 start = self.add(_SPLIT, self.build(option, after), start)
@@ -545,22 +289,7 @@ class Pattern:
         return found
 
 
-def _reverse(node: _Node) -> _Node:
-    """The pattern of the reversed texts; "^" and "$" trade places (no text ends in a newline)."""
-    if isinstance(node, _Char):
-        return node
-    if isinstance(node, _Anchor):
-        return _Anchor(end=not node.end)
-    if isinstance(node, _Group):
-        return _Group(_reverse(node.item))
-    if isinstance(node, _Seq):
-        return _Seq(tuple(_reverse(item) for item in reversed(node.items)))
-    if isinstance(node, _Alt):
-        return _Alt(tuple(_reverse(option) for option in node.options))
-    return _Repeat(_reverse(node.item), node.min, node.max)
-
-
-def _parse(text: str, what: str, budget: Budget) -> _Node:
+def _parse(text: str, what: str, budget: Budget) -> Node:
     def refused(reason: str, *, invalid: bool = False) -> UnsupportedAdapterError:
         shown = text if len(text) <= 80 else text[:77] + "..."
         if invalid:
@@ -576,16 +305,16 @@ def _parse(text: str, what: str, budget: Budget) -> _Node:
         raise refused(f"longer than {MAX_PATTERN_CHARS} characters")
     budget.spend(PATTERN_COST + PARSE_COST * len(text))
     try:
-        node = _Parser(text).parse()
-    except _Refused as error:
+        node = parse(text)
+    except Refused as error:
         raise refused(str(error), invalid=error.invalid) from None
-    if _size(node) > MAX_NFA_STATES:
+    if node_size(node) > MAX_NFA_STATES:
         raise refused("it expands to too many states; use fewer or smaller repeats")
     return node
 
 
-def _compile(text: str, node: _Node, budget: Budget, *, whole: bool, backward: bool) -> Pattern:
-    budget.spend(_size(node))
+def _compile(text: str, node: Node, budget: Budget, *, whole: bool, backward: bool) -> Pattern:
+    budget.spend(node_size(node))
     nfa = _Nfa()
     nfa.start = nfa.build(node, nfa.add(_MATCH))
     return Pattern(text, nfa, whole, backward)
@@ -622,21 +351,21 @@ class _FixedSuffix:
         return found
 
 
-def _fixed(node: _Node) -> tuple[tuple[str | None, ...], bool] | None:
+def _fixed(node: Node) -> tuple[tuple[str | None, ...], bool] | None:
     """A pattern that is "^"s, then single characters and ".", then "$"s: its characters and
     whether it began with "^"; else None."""
-    items = list(node.items) if isinstance(node, _Seq) else [node]
+    items = list(node.items) if isinstance(node, Seq) else [node]
     whole = False
-    while items and isinstance(items[0], _Anchor) and not items[0].end:
+    while items and isinstance(items[0], Anchor) and not items[0].end:
         items.pop(0)
         whole = True
-    while items and isinstance(items[-1], _Anchor) and items[-1].end:
+    while items and isinstance(items[-1], Anchor) and items[-1].end:
         items.pop()
     chars: list[str | None] = []
     for item in items:
-        if not isinstance(item, _Char):
+        if not isinstance(item, Char):
             return None
-        if item.chars == _ANY:
+        if item.chars == ANY:
             chars.append(None)
         elif (char := item.chars.single) is not None:
             chars.append(char)
@@ -645,7 +374,7 @@ def _fixed(node: _Node) -> tuple[tuple[str | None, ...], bool] | None:
     return tuple(reversed(chars)), whole
 
 
-_DOT = _Char(_CharSet(chars=frozenset(".")))
+_DOT = Char(CharSet(chars=frozenset(".")))
 
 
 def suffix_pattern(key: str, what: str, budget: Budget) -> Pattern | _FixedSuffix:
@@ -666,5 +395,5 @@ def suffix_pattern(key: str, what: str, budget: Budget) -> Pattern | _FixedSuffi
         # "$" at the key's end adds nothing to PEFT's own; "^" at its start leaves no
         # room for the dotted prefix.
         return _FixedSuffix(key, *fixed)
-    node = _Seq((_Group(_reverse(node)), _Alt((_Anchor(end=True), _DOT))))
+    node = Seq((Group(reverse(node)), Alt((Anchor(end=True), _DOT))))
     return _compile(key, node, budget, whole=False, backward=True)
