@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +39,7 @@ from loramux.limits import rate_limiter_from_settings
 from loramux.middleware import BodySizeLimit
 from loramux.settings import Settings
 from loramux.state import AppState
+from loramux.usage_spool import replay_forever, spool_for
 
 
 def base_model_id(settings: Settings) -> str:
@@ -69,9 +72,21 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         if app_state.engine is not None:
             app_state.engine.start()
+        # Usage journalled while the registry was away: replayed now (in the background, so
+        # the app starts with the registry down too) and until it is written.
+        replay = asyncio.create_task(
+            replay_forever(
+                spool_for(settings.home),
+                app_state.sessions,
+                settings.usage_spool_replay_interval_s,
+            )
+        )
         try:
             yield
         finally:
+            replay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replay
             # Here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down.
             for hook in app_state.shutdown_hooks:
                 hook()

@@ -35,7 +35,13 @@ def record_usage(session: Session, **fields: Any) -> bool:
         with session.begin_nested():
             session.add(UsageRecord(**fields))
     except IntegrityError:
-        if fields.get("billing_key") is None:
+        key = fields.get("billing_key")
+        # Only the billing key's own conflict means "already billed"; any other (a tenant
+        # deleted meanwhile) is an error, not a silent drop of the bill.
+        if (
+            key is None
+            or session.scalar(select(UsageRecord.id).where(UsageRecord.billing_key == key)) is None
+        ):
             raise
         return False
     return True

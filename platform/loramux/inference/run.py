@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -20,13 +21,14 @@ from starlette.concurrency import run_in_threadpool
 from loramux.db.models import Tenant
 from loramux.drain import ShuttingDown
 from loramux.engine_client import INTERACTIVE_PRIORITY, EngineClient
-from loramux.errors import InvalidRequest, ServiceUnavailable
+from loramux.errors import InvalidRequest, ServiceUnavailable, dependency_unavailable
 from loramux.inference import render
 from loramux.inference.request import SEED_LIMIT, GenerationRequest
 from loramux.limits import Admission, Limits
 from loramux.resolve import ResolvedModel, resolve_model
 from loramux.state import AppState
 from loramux.usage import record_usage, tokens_this_month
+from loramux.usage_spool import spool_for
 from loramux_engine.errors import NonFiniteLogitsError, PromptTooLongError, SequenceFailedError
 from loramux_engine.lora.errors import AdapterLoadError
 from loramux_engine.outputs import RequestOutput
@@ -172,23 +174,30 @@ class Generation:
                     logger.exception("rate limiter release failed for %s", self.id)
 
     def _record(self) -> None:
-        with self.app_state.sessions() as session:
-            record_usage(
-                session,
-                tenant_id=self.tenant_id,
-                api_key_id=self.api_key_id,
-                adapter_version_id=self.resolved.adapter_version_id,
-                request_id=self.id,
-                endpoint="/v1/chat/completions"
-                if self.request.kind == "chat"
-                else "/v1/completions",
-                billing_key=self.billing_key,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                latency_ms=int((time.monotonic() - self.started) * 1000),
-                status=self.status,
-            )
-            session.commit()
+        record: dict[str, Any] = {
+            "tenant_id": self.tenant_id,
+            "api_key_id": self.api_key_id,
+            "adapter_version_id": self.resolved.adapter_version_id,
+            "request_id": self.id,
+            "endpoint": f"/v1/{'chat/' if self.request.kind == 'chat' else ''}completions",
+            # Always a key, so a journalled record replayed after a crash bills once.
+            "billing_key": self.billing_key or self.id,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency_ms": int((time.monotonic() - self.started) * 1000),
+            "status": self.status,
+            "created_at": datetime.now(UTC),  # billed in the month it ran, even if replayed
+        }
+        try:
+            with self.app_state.sessions() as session:
+                record_usage(session, **record)
+                session.commit()
+        except Exception as error:
+            if dependency_unavailable(error) is None:
+                raise
+            # The client has its tokens: journal the bill; the spool writes it once the
+            # registry is back (usage_spool.py).
+            spool_for(self.app_state.settings.home).append(record)
 
 
 def _replace_seed(params: Any, seed: int) -> Any:
@@ -235,6 +244,9 @@ async def admit(
         raise ServiceUnavailable("the inference engine is not running on this server")
 
     def prepare() -> tuple[ResolvedModel, Limits]:
+        spool = spool_for(app_state.settings.home)
+        if spool.pending():  # journalled usage counts against the quota before admitting
+            spool.replay(app_state.sessions)
         with app_state.sessions() as session:
             resolved = resolve_model(session, tenant_id, request.model, app_state.base_model_id)
             tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id)).one()

@@ -6,6 +6,12 @@ Tokens are reserved at admission (prompt tokens plus the most the request may ge
 and the unused part is handed back when the request finishes. Concurrency counts the
 sequences (choices: prompts x n) of requests admitted and not yet finished.
 
+A tenant with no limits at all is admitted without asking the limiter anything, so a
+Redis outage never touches it. When the limiter's store is down or hangs, a limited
+tenant gets a 503 with Retry-After (``errors.dependency_unavailable``), or, with
+``fail_open``, is admitted without limits (logged). A release that fails is logged, never
+raised: the reservation expires on its own (``max_request_s``, the keys' TTL).
+
 The monthly token quota is reserved the same way: a request is admitted only if its
 reservation fits what the usage records leave of the quota (``Limits.monthly_tokens_left``)
 less the reservations of the tenant's requests in flight; finishing a request drops its
@@ -14,11 +20,14 @@ reservation, once its usage is recorded.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from loramux.errors import QuotaExceeded, RateLimited
+from loramux.errors import QuotaExceeded, RateLimited, dependency_unavailable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,8 @@ class Admission:
     request_id: str
     reserved_tokens: int
     headers: dict[str, str] = field(default_factory=dict)
+    # False: admitted without the limiter (no limits, or failed open): nothing to release.
+    tracked: bool = True
 
 
 def _duration(seconds: float) -> str:
@@ -89,10 +100,17 @@ _REASONS = {
 
 
 class RateLimiter(ABC):
-    def __init__(self, window_s: float = 60.0, max_request_s: float = 900.0) -> None:
+    def __init__(
+        self, window_s: float = 60.0, max_request_s: float = 900.0, fail_open: bool = False
+    ) -> None:
         self.window_s = window_s
         # A request still "in flight" after this long is assumed lost (a crashed replica).
         self.max_request_s = max_request_s
+        self.fail_open = fail_open
+
+    async def check(self) -> None:
+        """Raise if the limiter's store cannot be reached (for /readyz); in-process: never."""
+        return None
 
     @abstractmethod
     async def _admit(
@@ -111,8 +129,19 @@ class RateLimiter(ABC):
 
         Raises ``RateLimited`` (with Retry-After when waiting helps) or ``QuotaExceeded``.
         """
+        if limits.unlimited:
+            return Admission(tenant_id, request_id, tokens, tracked=False)
         _refuse_never_fits(limits, tokens)
-        state = await self._admit(tenant_id, request_id, limits, tokens, sequences)
+        try:
+            state = await self._admit(tenant_id, request_id, limits, tokens, sequences)
+        except Exception as error:
+            unavailable = dependency_unavailable(error)  # logs the cause
+            if unavailable is None:
+                raise
+            if not self.fail_open:
+                raise unavailable from error
+            logger.warning("rate limiter unavailable: admitting %s without limits", request_id)
+            return Admission(tenant_id, request_id, tokens, tracked=False)
         headers = ratelimit_headers(limits, state)
         if state.reason is None:
             return Admission(tenant_id, request_id, tokens, headers)
@@ -144,9 +173,17 @@ class RateLimiter(ABC):
         Call it once the request's usage is recorded, so that its tokens always count
         against the monthly quota, by the reservation or by the records.
         """
-        await self._finish(
-            admission.tenant_id, admission.request_id, min(used_tokens, admission.reserved_tokens)
-        )
+        if not admission.tracked:
+            return
+        try:
+            await self._finish(
+                admission.tenant_id,
+                admission.request_id,
+                min(used_tokens, admission.reserved_tokens),
+            )
+        except Exception as error:
+            if dependency_unavailable(error) is None:  # logs an outage; a bug is raised
+                raise
 
 
 def _refuse_never_fits(limits: Limits, tokens: int) -> None:

@@ -94,12 +94,16 @@ class RedisRateLimiter(RateLimiter):
         window_s: float = 60.0,
         max_request_s: float = 900.0,
         key_prefix: str = "loramux:rl",
+        fail_open: bool = False,
     ) -> None:
-        super().__init__(window_s, max_request_s)
+        super().__init__(window_s, max_request_s, fail_open)
         self.client = client
         self.key_prefix = key_prefix
         self._admit_script = client.register_script(_ADMIT)
         self._finish_script = client.register_script(_FINISH)
+
+    async def check(self) -> None:
+        await self.client.ping()
 
     def _keys(self, tenant_id: str) -> list[str]:
         base = f"{self.key_prefix}:{{{tenant_id}}}"  # one hash slot per tenant on a cluster
