@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.drain import Drain
+from loramux.errors import ServiceUnavailable
 from loramux.limits import RateLimiter
 from loramux.metrics import Metrics
 from loramux.settings import Settings
+from loramux.storage import Storage
+
+if TYPE_CHECKING:  # the in-process client imports torch, which an API-only process skips
+    from loramux.engine_client import EngineClient
 
 
 @dataclass
@@ -20,12 +25,12 @@ class AppState:
     settings: Settings
     db_engine: Engine
     sessions: sessionmaker[Session]
-    storage: Any
+    storage: Storage
     base_model_id: str
     base_model_created: int
     limiter: RateLimiter
-    # The EngineClient (loramux.engine_client); None when this process serves no engine.
-    engine: Any = None
+    # None when this process serves no engine.
+    engine: EngineClient | None = None
     # Run when the app shuts down (e.g. stopping the embedded Celery worker).
     shutdown_hooks: list[Callable[[], None]] = field(default_factory=list)
     # Ends the requests still in flight when the shutdown grace runs out.
@@ -34,3 +39,9 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine)
+
+    def require_engine(self) -> EngineClient:
+        """The engine client, or a 503 where this process serves no engine."""
+        if self.engine is None:
+            raise ServiceUnavailable("the inference engine is not running on this server")
+        return self.engine

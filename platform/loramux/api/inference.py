@@ -26,11 +26,7 @@ async def _generate(request: Request, parse: Parser) -> Response:
     user = tenant_principal(request, "inference")
     app_state = state(request)
     body = await json_object(request)
-    if app_state.engine is None:
-        from loramux.errors import ServiceUnavailable
-
-        raise ServiceUnavailable("the inference engine is not running on this server")
-    gen_request = parse(body, app_state.settings, app_state.engine.tokenizer)
+    gen_request = parse(body, app_state.settings, app_state.require_engine().tokenizer)
     gen = await admit(
         app_state, gen_request, tenant_id=user.tenant_id or "", api_key_id=user.key_id
     )

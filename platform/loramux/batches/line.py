@@ -73,12 +73,11 @@ async def run_line(
     ``gate(num_choices)`` is held from just before the line is admitted until it ends; it
     raises StandingRevoked (which passes through) when the batch may run no more lines.
     """
-    engine = app_state.engine
     try:
         if line.body.get("stream"):
             raise InvalidRequest("stream is not supported in a batch", param="stream")
         parse = parse_chat if line.url == CHAT_URL else parse_completion
-        request = parse(line.body, app_state.settings, engine.tokenizer)
+        request = parse(line.body, app_state.settings, app_state.require_engine().tokenizer)
     except APIError as error:
         return error_result(line, error, None)
     except Exception as error:  # parsing is pure work on the line: whatever breaks is its own
