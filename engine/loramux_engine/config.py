@@ -21,7 +21,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     kv_cache_bytes: int = 1 << 30
     max_num_batched_tokens: int = 2048
-    num_threads: int | None = None  # CPU intra-op threads; None keeps torch's default
+    # CPU intra-op threads, fixed; None: one per CPU this process may use (affinity, cgroup
+    # quota), fewer while other processes keep some busy (engine/thread_team.py)
+    num_threads: int | None = None
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
     cpu_onednn_matmul: bool = True  # projections through oneDNN on CPU in fp32 (layers/linear.py)
     # Multi-LoRA: an AdapterSource (lora/source.py) turns it on; without one, a request

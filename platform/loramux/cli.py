@@ -74,6 +74,14 @@ def _add_server_commands(commands: Group) -> None:
         b.add_argument("--json", dest="json_path", default=None, help="write results here")
         b.add_argument("--model", default=None, help="model name or directory")
         b.add_argument("--quick", action="store_true", help="a smaller workload")
+        if kind == "engine":
+            b.add_argument(
+                "--contend",
+                type=int,
+                default=0,
+                metavar="N",
+                help="run again beside N one-core busy loops (a shared host)",
+            )
 
 
 def _add_registry_commands(commands: Group) -> None:

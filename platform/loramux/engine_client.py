@@ -111,6 +111,7 @@ def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineC
         max_model_len=settings.engine_max_model_len,
         kv_cache_bytes=settings.engine_kv_cache_bytes,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
+        num_threads=settings.engine_num_threads,
         adapter_source=StorageAdapterSource(storage),
         max_loras=settings.engine_max_loras,
         # uploads are validated against max_lora_rank; the engine's pool holds at least 64

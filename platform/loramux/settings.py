@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     engine_max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     engine_kv_cache_bytes: int = 1 << 30
     engine_max_batched_tokens: int = 2048
+    # The engine's CPU threads; None: one per CPU it may use (affinity, cgroup quota), fewer
+    # while other processes keep some of those CPUs busy.
+    engine_num_threads: int | None = Field(default=None, ge=1)
     # Multi-LoRA: device slots for resident adapters (the engine's pool also holds ranks up
     # to max_lora_rank), and the adapter cache's byte budgets; the disk tier defaults to
     # home/adapter-cache.

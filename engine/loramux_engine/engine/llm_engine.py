@@ -22,6 +22,7 @@ from loramux_engine.engine.model_runner import ModelRunner
 from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.engine.step_isolation import run_isolated
+from loramux_engine.engine.thread_team import ThreadTeam
 from loramux_engine.errors import (
     EngineConfigError,
     InvalidSamplingParamsError,
@@ -52,8 +53,7 @@ def _load_tokenizer(model_dir: str) -> Any:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        self.threads = ThreadTeam(config.num_threads)
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         self.model_args = args = load_model_args(config.model_dir)
@@ -194,6 +194,7 @@ class LLMEngine:
             max(0, min(s.num_prompt_tokens - s.num_computed_tokens, s.num_scheduled_tokens))
             for s in seqs
         )
+        self.threads.before_step()
         sampled = run_isolated(self.runner.run, seqs)
         self.scheduler.postprocess(
             seqs, [r.token_id if r is not None and r.error is None else None for r in sampled]
@@ -319,7 +320,7 @@ class LLMEngine:
             num_steps_total=s.num_steps_total,
             last_step_num_tokens=s.last_step_num_tokens,
             last_step_num_sampled=s.last_step_num_sampled,
-            extra=adapter_cache_stats(self.adapters),
+            extra={**adapter_cache_stats(self.adapters), **self.threads.stats()},
         )
 
     def generate(

@@ -1,11 +1,15 @@
-"""Shared benchmark pieces: seeded workloads, latency summaries, the table and the JSON."""
+"""Shared benchmark pieces: seeded workloads, busy neighbours, latencies, the table, the JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,28 @@ class SystemResult:
             "ttft_p95_s": self.ttft_p95_s,
             **self.extra,
         }
+
+
+BUSY_LOOP = "while True: pass"
+BUSY_START_S = 0.5  # time for every loop's interpreter to start and begin spinning
+
+
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` one-core busy loops beside the benchmark, as a sidecar would be: separate
+    processes, pinned nowhere (they inherit this process's affinity), killed on the way out.
+    """
+    loops: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            loops.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP]))
+        time.sleep(BUSY_START_S)
+        yield loops
+    finally:
+        for loop in loops:
+            loop.kill()
+        for loop in loops:
+            loop.wait()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -4,6 +4,10 @@ One seeded workload, all requests submitted at once, greedy, fixed output length
 The matmul bound replays the engine's own step shapes (tokens through the model,
 rows through the LM head) as bare weight matmuls: the time the linear layers alone
 need for the same batches, the practical limit on a CPU.
+
+``--contend N`` then runs the engine and transformers again beside N one-core busy
+loops (a sidecar, a noisy neighbour): with N of C cores taken, (C - N) / C of the quiet
+throughput is what the CPU left allows.
 """
 
 from __future__ import annotations
@@ -17,11 +21,21 @@ from typing import Any
 
 import torch
 
-from loramux.bench.common import SystemResult, Workload, format_table, write_report
+from loramux.bench.common import (
+    SystemResult,
+    Workload,
+    busy_loops,
+    format_table,
+    write_report,
+)
+from loramux.commands.output import CommandFailed
 
 FULL = Workload(num_requests=64, min_prompt_tokens=16, max_prompt_tokens=256, output_tokens=64)
 QUICK = Workload(num_requests=8, min_prompt_tokens=8, max_prompt_tokens=32, output_tokens=8)
 HF_BATCH = {FULL: 16, QUICK: 4}
+# torch's own team, read before any engine runs: the engine resizes the team of the thread
+# that steps it, and transformers is measured as it runs by default.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -76,7 +90,12 @@ def run_engine(
                 first_step[out.request_id] = len(steps) - 1
     elapsed = time.perf_counter() - start
     result = SystemResult.from_run(
-        num_tokens, elapsed, list(ttft.values()), elapsed_s=elapsed, num_steps=len(steps)
+        num_tokens,
+        elapsed,
+        list(ttft.values()),
+        elapsed_s=elapsed,
+        num_steps=len(steps),
+        threads=engine.threads.num_threads,  # the team at the end of the run
     )
     return result, engine, steps, [first_step[str(i)] for i in range(len(prompts))]
 
@@ -153,6 +172,7 @@ def run_hf_generate(
     """transformers' (or PEFT's, with per-row ``adapter_names``) generate, batch by batch."""
     from transformers import GenerationConfig, StoppingCriteria
 
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)
     device = model.device
     pad = model.generation_config.pad_token_id
     pad = pad if isinstance(pad, int) else 0
@@ -204,6 +224,9 @@ def run_hf_generate(
 
 def main(args: argparse.Namespace) -> int:
     workload = QUICK if args.quick else FULL
+    contend = getattr(args, "contend", 0)
+    if contend < 0:
+        raise CommandFailed("--contend takes a number of busy loops, 0 or more")
     model_dir = resolve_model_dir(args.model)
     print(f"model {model_dir}, {torch.get_num_threads()} threads", file=sys.stderr)
     systems: dict[str, SystemResult] = {}
@@ -223,19 +246,48 @@ def main(args: argparse.Namespace) -> int:
         "engine_vs_transformers": engine_result.tokens_per_s / systems["transformers"].tokens_per_s,
         "engine_vs_matmul_bound": engine_result.tokens_per_s / systems["matmul_bound"].tokens_per_s,
     }
+    if contend:
+        ratios |= run_contended(systems, model_dir, prompts, workload, contend)
     details = {
         **workload.as_dict(),
         "model_dir": str(model_dir),
         "dtype": "float32",
         "greedy": True,
-        "threads": torch.get_num_threads(),
+        "threads": TORCH_DEFAULT_THREADS,
         "transformers_batch_size": HF_BATCH[workload],
+        "busy_loops": contend,
     }
     print(format_table(systems))
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     write_report(args.json_path, details, systems, ratios)
     return 0
+
+
+def run_contended(
+    systems: dict[str, SystemResult],
+    model_dir: Path,
+    prompts: list[list[int]],
+    workload: Workload,
+    busy: int,
+) -> dict[str, float]:
+    """The engine and transformers again, each built afresh beside ``busy`` busy loops."""
+    gc.collect()
+    with busy_loops(busy):
+        engine_result, engine, _, _ = run_engine(model_dir, prompts, workload.output_tokens)
+        systems["engine_contended"] = engine_result
+        engine.close()
+        del engine
+        gc.collect()
+        systems["transformers_contended"] = run_transformers(
+            model_dir, prompts, workload.output_tokens, HF_BATCH[workload]
+        )
+    return {
+        name + "_contended_vs_quiet": (
+            systems[name + "_contended"].tokens_per_s / systems[name].tokens_per_s
+        )
+        for name in ("engine", "transformers")
+    }
 
 
 def sync(device: torch.device) -> None:
