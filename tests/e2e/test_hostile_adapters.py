@@ -7,7 +7,6 @@ streamed tokens beside the attack equal its tokens alone.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -15,19 +14,8 @@ import httpx
 from tests.e2e.conftest import LiveServer
 from tests.e2e.victim import Victim
 from tests.engine.peft_reference import load_base, save_random_adapter
-from tests.platform.adapters.helpers import assert_openai_error, bearer, upload
+from tests.platform.adapters.helpers import assert_openai_error, bearer, upload, wait_validated
 from tests.platform.adapters.hostile_values import hostile_adapters
-
-
-def _wait_final(http: httpx.Client, key: str, name: str) -> dict[str, str]:
-    deadline = time.monotonic() + 120
-    while (shown := http.get(f"/v1/adapters/{name}", headers=bearer(key)).json())["status"] in (
-        "uploading",
-        "validating",
-    ):
-        assert time.monotonic() < deadline, f"{name} never finished validating"
-        time.sleep(0.3)
-    return dict(shown)
 
 
 def test_hostile_adapters_are_rejected_and_the_victim_is_untouched(
@@ -51,7 +39,7 @@ def test_hostile_adapters_are_rejected_and_the_victim_is_untouched(
             response = upload(http, attacker, name, config=adapter.config, weights=adapter.weights)
             assert response.status_code == 201, response.text
         for name, adapter in hostile.items():
-            shown = _wait_final(http, attacker, name)
+            shown = wait_validated(http, attacker, name)
             assert shown["status"] == "rejected", (name, shown)
             assert adapter.reason in shown["reason"], (name, shown["reason"])
         for name in hostile:

@@ -20,7 +20,14 @@ import httpx
 from tests.e2e.conftest import LiveServer
 from tests.e2e.victim import Victim
 from tests.engine.peft_reference import load_base, save_random_adapter
-from tests.platform.adapters.helpers import CONFIG, WEIGHTS, assert_openai_error, bearer, upload
+from tests.platform.adapters.helpers import (
+    CONFIG,
+    WEIGHTS,
+    assert_openai_error,
+    bearer,
+    upload,
+    wait_validated,
+)
 
 # Nested stars: re backtracks exponentially on any module name they do not match.
 NESTED = "((.*)*)*"
@@ -64,17 +71,6 @@ class HealthPoller:
                 time.sleep(0.05)
 
 
-def _wait_ready(http: httpx.Client, key: str, name: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while (shown := http.get(f"/v1/adapters/{name}", headers=bearer(key)).json())["status"] in (
-        "uploading",
-        "validating",
-    ):
-        assert time.monotonic() < deadline, f"{name} never finished validating"
-        time.sleep(0.3)
-    return dict(shown)
-
-
 def test_hostile_patterns_are_refused_at_once_and_nobody_else_notices(
     live_server: LiveServer, tmp_path: Path
 ) -> None:
@@ -110,7 +106,7 @@ def test_hostile_patterns_are_refused_at_once_and_nobody_else_notices(
                 for layer in range(4)
                 for projection in ("q_proj", "v_proj")
             ]
-            assert _wait_ready(http, attacker, "nested")["status"] == "ready"
+            assert wait_validated(http, attacker, "nested")["status"] == "ready"
             completion = http.post(
                 "/v1/completions",
                 json={"model": "nested", "prompt": "Hi", "max_tokens": 4},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,15 @@ def assert_openai_error(response: Any, status: int, code: str | None = None) -> 
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+def wait_validated(http: Any, secret: str, name: str, timeout_s: float = 120) -> dict[str, Any]:
+    """Poll ``GET /v1/adapters/{name}`` until validation ends; the adapter as shown then."""
+    deadline = time.monotonic() + timeout_s
+    while (shown := http.get(f"/v1/adapters/{name}", headers=bearer(secret)).json())["status"] in (
+        "uploading",
+        "validating",
+    ):
+        assert time.monotonic() < deadline, f"{name} never finished validating"
+        time.sleep(0.3)
+    return dict(shown)
