@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make serve PORT=8001 HOST=0.0.0.0`; LORAMUX_PORT and LORAMUX_HOST work too.
 serve: install
 	$(BIN)/loramux models pull
-	$(BIN)/loramux serve --demo
+	$(BIN)/loramux serve --demo $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 lint: install
 	$(BIN)/ruff check .

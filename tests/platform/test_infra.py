@@ -28,6 +28,12 @@ def test_every_loramux_variable_in_infra_is_a_setting() -> None:
     assert used - fields == set()
 
 
+def test_every_loramux_variable_in_the_readme_is_a_setting() -> None:
+    used = _setting_names((INFRA.parent / "README.md").read_text())
+    assert "HOST" in used and "PORT" in used
+    assert used - {name.upper() for name in Settings.model_fields} == set()
+
+
 def _compose() -> dict[str, Any]:
     yaml = pytest.importorskip("yaml")
     compose: dict[str, Any] = yaml.safe_load((INFRA / "compose.yaml").read_text())
