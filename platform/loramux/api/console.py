@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -20,7 +19,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loramux.api.common import principal, state
-from loramux.errors import ServiceUnavailable
 
 # The source tree's admin_ui/ folder, found as db/migrate.py finds migrations/.
 STATIC_DIR = Path(__file__).resolve().parents[3] / "admin_ui" / "static"
@@ -77,9 +75,7 @@ async def to_index(_request: Request) -> Response:
 
 async def engine_status(request: Request) -> JSONResponse:
     principal(request, "admin")
-    engine: Any = state(request).engine
-    if engine is None:
-        raise ServiceUnavailable("the inference engine is not running on this server")
+    engine = state(request).require_engine()
     # A remote engine answers over HTTP; keep that off the event loop.
     stats = dataclasses.asdict(await run_in_threadpool(engine.stats))
     adapter_cache = stats.pop("extra")

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from loramux.api.common import json_object, principal, state
 from loramux.engine_client import EngineClient
-from loramux.errors import InvalidRequest, ServiceUnavailable
+from loramux.errors import InvalidRequest
 from loramux_engine.errors import InvalidSamplingParamsError, PromptTooLongError
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.outputs import RequestOutput
@@ -28,10 +28,7 @@ SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 def _engine(request: Request) -> EngineClient:
     principal(request, "admin")
-    engine: EngineClient | None = state(request).engine
-    if engine is None:
-        raise ServiceUnavailable("the inference engine is not running on this server")
-    return engine
+    return state(request).require_engine()
 
 
 def _adapter(value: Any) -> AdapterRef | None:

@@ -239,9 +239,7 @@ async def admit(
     The limiter reserves the request's tokens against both the per-minute limit and the
     monthly quota, and one concurrency unit per choice; ``Generation.close`` settles them.
     """
-    engine: EngineClient | None = app_state.engine
-    if engine is None:
-        raise ServiceUnavailable("the inference engine is not running on this server")
+    engine = app_state.require_engine()
 
     def prepare() -> tuple[ResolvedModel, Limits]:
         spool = spool_for(app_state.settings.home)
