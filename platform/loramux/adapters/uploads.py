@@ -273,7 +273,4 @@ class AdapterUploads:
 
 
 def expired(upload: AdapterUpload) -> bool:
-    expires_at = upload.expires_at
-    if expires_at.tzinfo is None:  # SQLite drops the zone; the value was written in UTC
-        expires_at = expires_at.replace(tzinfo=UTC)
-    return expires_at <= datetime.now(UTC)
+    return upload.expires_at <= datetime.now(UTC)

@@ -114,7 +114,7 @@ class ApiKeyBackend(AuthenticationBackend):
             refused = key_refusal(key, tenant, now)
             if refused is not None:
                 raise refused
-            if key.last_used_at is None or _aware(key.last_used_at) < now - LAST_USED_RESOLUTION:
+            if key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION:
                 session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
                 session.commit()
             return Principal(
@@ -132,18 +132,13 @@ def key_refusal(key: ApiKey | None, tenant: Tenant | None, now: datetime) -> API
     """
     if key is not None and key.revoked_at is not None:
         return AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
-    if key is not None and key.expires_at is not None and _aware(key.expires_at) <= now:
+    if key is not None and key.expires_at is not None and key.expires_at <= now:
         return AuthenticationFailed("This API key has expired.", code="expired_api_key")
     if tenant is not None and tenant.status != "active":
         return PermissionDenied(
             "This tenant is suspended; contact your administrator.", code="tenant_suspended"
         )
     return None
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes even for timezone-aware columns.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def on_auth_error(_conn: HTTPConnection, exc: Exception) -> JSONResponse:

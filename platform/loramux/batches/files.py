@@ -30,7 +30,7 @@ _CHUNK = 1 << 20
 def unix(value: datetime | None) -> int | None:
     if value is None:
         return None
-    return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
+    return int(value.timestamp())
 
 
 def file_view(row: File) -> dict[str, Any]:
