@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-NAME_MAX = 64  # the registry's name columns are String(NAME_MAX); a test keeps them equal
+NAME_MAX = 64  # also the length of the registry's name columns (db/models.py)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -23,7 +23,7 @@ from loramux.auth.keys import SCOPES
 from loramux.cli import build_parser, main
 from loramux.commands.client import api_root
 from loramux.commands.output import CommandFailed, Progress
-from loramux.db.models import NAME_MAX as COLUMN_NAME_MAX
+from loramux.db.models import Adapter, Tenant
 from loramux.names import NAME_MAX
 from loramux.settings import Settings, get_settings
 from tests.platform.cli_runner import assert_fails_in_one_line, loramux, tenant_env
@@ -72,7 +72,8 @@ def test_keys_create_help_lists_the_scopes_a_tenant_key_may_hold() -> None:
 
 
 def test_the_cli_name_rule_fits_the_registry_columns() -> None:
-    assert NAME_MAX == COLUMN_NAME_MAX
+    assert Tenant.__table__.c.name.type.length == NAME_MAX
+    assert Adapter.__table__.c.name.type.length == NAME_MAX
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from loramux.db.types import UTCDateTime, utc_now
-
-NAME_MAX = 64
+from loramux.names import NAME_MAX
 
 
 def new_id(prefix: str) -> str:
