@@ -43,9 +43,6 @@ from loramux_engine.lora.safetensors_header import read_header_stream
 
 log = logging.getLogger(__name__)
 
-# At upload the base model is not consulted: this bounds any LLaMA-family adapter (128
-# layers x 7 projections x A and B); the task checks the exact set against the model.
-UPLOAD_MAX_TENSORS = 2 * 7 * 128
 _CHUNK = 1 << 20
 Response = tuple[int, dict[str, Any]]
 
@@ -140,7 +137,10 @@ class AdapterUploads:
         """``POST /v1/adapters``: ``weights`` is a seekable local copy of the upload."""
         name, summary = self.check(name, config_raw, weights_bytes)
         try:
-            read_header_stream(weights, weights_bytes, max_tensors=UPLOAD_MAX_TENSORS)
+            # check() resolved the config against the base model, so its shape is at hand
+            # (cached); the validation task checks the exact set of tensors.
+            max_tensors = base_model_shape(self.settings).max_adapter_tensors
+            read_header_stream(weights, weights_bytes, max_tensors=max_tensors)
         except UnsupportedAdapterError as error:
             raise rejected(AdapterRejected(str(error)), "weights") from None
         weights.seek(0)
