@@ -85,11 +85,19 @@ class Settings(BaseSettings):
     metrics_auth: Literal["admin", "none"] = "admin"
 
     # Adapter lifecycle: how long an upload may hold its blobs before cleanup may take them
-    # (also the presigned URL's lifetime), how long a validation may run before it is
-    # enqueued again, and how often the cleanup task runs.
+    # (also the presigned URL's lifetime), and how often the cleanup task runs.
     adapter_upload_ttl_s: int = 3600
-    adapter_validation_timeout_s: int = 600
     cleanup_interval_s: int = 900
+    # Validation through an outbox (adapters/outbox.py): the version row, committed with the
+    # upload, says its message is due; the API process publishes it (at once in the
+    # background, at start, and every dispatch interval), a request never waiting on the
+    # broker, and a publish giving up after about broker_timeout_s a try. An attempt not
+    # finished within adapter_validation_timeout_s, doubled for each further one (1, 2, 4,
+    # 8, 16 min), is published again; once the attempts are spent the version is rejected.
+    adapter_validation_timeout_s: float = Field(default=60.0, gt=0)
+    adapter_validation_max_attempts: int = Field(default=5, ge=1)
+    adapter_validation_dispatch_interval_s: float = Field(default=5.0, gt=0)
+    broker_timeout_s: float = Field(default=1.0, gt=0)
 
     # Batches: input file limits; the API server a worker reaches the engine through
     # (default http://{host}:{port}, with the admin key); lines in flight per batch (default
