@@ -89,6 +89,11 @@ def _add_registry_commands(commands: Group) -> None:
     tenants = _group(commands, "tenants", "tenants (straight in the registry)")
     tcreate = _command(tenants, "create", "create a tenant", f"{admin}:tenants_create", json=True)
     tcreate.add_argument("name", help="letters, digits, '_', '-' and '.'")
+    tcreate.add_argument(
+        "--if-not-exists",
+        action="store_true",
+        help="succeed, changing nothing, when a tenant of that name exists",
+    )
     _command(tenants, "list", "list tenants", f"{admin}:tenants_list", json=True)
 
     keys = _group(commands, "keys", "API keys (straight in the registry)")
@@ -113,8 +118,15 @@ def _add_registry_commands(commands: Group) -> None:
         keys, "list", "list keys (never their secrets)", f"{admin}:keys_list", json=True
     )
     klist.add_argument("--tenant", default=None, help="only this tenant's keys (name or id)")
-    krevoke = _command(keys, "revoke", "revoke a key", f"{admin}:keys_revoke")
-    krevoke.add_argument("id", help="the key's id (from `loramux keys list`)")
+    krevoke = _command(
+        keys,
+        "revoke",
+        "revoke a key by id, or a tenant's keys by name (--tenant and --name)",
+        f"{admin}:keys_revoke",
+    )
+    krevoke.add_argument("id", nargs="?", default=None, help="the key's id (`loramux keys list`)")
+    krevoke.add_argument("--tenant", default=None, help="with --name: the tenant's name or id")
+    krevoke.add_argument("--name", default=None, help="with --tenant: revoke its keys of this name")
 
 
 def _add_tenant_commands(commands: Group) -> None:
@@ -147,6 +159,12 @@ def _add_tenant_commands(commands: Group) -> None:
         "--errors",
         default=None,
         help="with --wait, save failed requests' errors here (default: BATCH_ID_errors.jsonl)",
+    )
+    create.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print only the batch's id (for BATCH=$(loramux batches create ... --quiet))",
     )
     bget = _command(batches, "get", "show a batch", f"{target}:get", json=True)
     bget.add_argument("id", help="the batch's id")

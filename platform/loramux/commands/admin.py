@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux import tenancy
-from loramux.commands.output import Column, Row, print_list, when
+from loramux.commands.output import Column, CommandFailed, Row, print_list, when
 from loramux.db.migrate import is_current, upgrade
 from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
@@ -100,9 +100,15 @@ def db_upgrade(_args: argparse.Namespace) -> int:
 
 @_one_line_errors
 def tenants_create(args: argparse.Namespace) -> int:
+    """Create a tenant; with ``--if-not-exists`` a tenant of that name is success, unchanged."""
     with _registry() as sessions, transaction(sessions) as session:
-        view = tenancy.tenant_view(tenancy.create_tenant(session, args.name, {}, actor=ACTOR))
-    print(json.dumps(view) if args.json else f"created tenant {view['name']} ({view['id']})")
+        existing = session.scalar(select(Tenant).where(Tenant.name == args.name))
+        if existing is not None and args.if_not_exists:
+            view, verb = tenancy.tenant_view(existing), "tenant exists:"
+        else:
+            tenant = tenancy.create_tenant(session, args.name, {}, actor=ACTOR)
+            view, verb = tenancy.tenant_view(tenant), "created tenant"
+    print(json.dumps(view) if args.json else f"{verb} {view['name']} ({view['id']})")
     return 0
 
 
@@ -125,9 +131,32 @@ def keys_create(args: argparse.Namespace) -> int:
 
 @_one_line_errors
 def keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke one key by id, or every active key of ``--tenant`` named ``--name``.
+
+    Revoking is idempotent: a key already revoked stays revoked and the command succeeds.
+    A name that no key of the tenant ever had is an error, since it is most likely a typo.
+    """
+    by_name = args.tenant is not None or args.name is not None
+    if (args.id is None) == (not by_name) or (by_name and None in (args.tenant, args.name)):
+        raise CommandFailed("give a key's id, or both --tenant and --name")
     with _registry() as sessions, transaction(sessions) as session:
-        key = tenancy.revoke_key(session, args.id, actor=ACTOR)
-    print(f"revoked key {key.id}")
+        if args.id is not None:
+            ids = [args.id]
+        else:
+            tenant = tenancy.get_tenant(session, args.tenant)
+            named = session.scalars(
+                select(ApiKey)
+                .where(ApiKey.tenant_id == tenant.id, ApiKey.name == args.name)
+                .order_by(ApiKey.created_at, ApiKey.id)
+            ).all()
+            if not named:
+                raise CommandFailed(f"tenant {args.tenant} has no key named {args.name!r}")
+            ids = [key.id for key in named if key.revoked_at is None]
+            if not ids:
+                print(f"every key named {args.name!r} of tenant {args.tenant} is already revoked")
+        revoked = [tenancy.revoke_key(session, key_id, actor=ACTOR).id for key_id in ids]
+    for key_id in revoked:
+        print(f"revoked key {key_id}")
     return 0
 
 

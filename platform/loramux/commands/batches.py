@@ -2,6 +2,7 @@
 
 ``create --wait`` exits 0 only when every request succeeded, and saves the error file of
 any that failed, so a batch in which every line failed is never a silent success.
+``create --quiet`` prints only the batch's id, for ``BATCH=$(loramux batches create ...)``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def create(args: argparse.Namespace) -> int:
             },
         )
         if not args.wait:
-            emit(batch, as_json=args.json, text=f"created batch {batch['id']}")
+            if args.quiet:
+                print(batch["id"])
+            else:
+                emit(batch, as_json=args.json, text=f"created batch {batch['id']}")
             return 0
         print(f"created batch {batch['id']}", file=sys.stderr)
         batch = wait(client, batch["id"])
@@ -145,7 +149,10 @@ def create(args: argparse.Namespace) -> int:
             save(client, batch, "output", args.output)
         if batch["error_file_id"]:
             save(client, batch, "errors", args.errors or default_path(batch, "errors"))
-    emit(batch, as_json=args.json, text=summary(batch))
+    if args.quiet:
+        print(batch["id"])
+    else:
+        emit(batch, as_json=args.json, text=summary(batch))
     counts = batch["request_counts"]
     if batch["status"] == "completed" and counts["failed"] == 0:
         return 0
