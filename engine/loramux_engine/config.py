@@ -20,6 +20,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     kv_cache_bytes: int = 1 << 30
+    kv_block_size: int = 16  # tokens per KV cache block, a power of two (engine/kv_cache.py)
+    enable_prefix_caching: bool = True  # reuse full blocks of a tenant's earlier prompts
     max_num_batched_tokens: int = 2048
     # CPU intra-op threads, fixed; None: one per CPU this process may use (affinity, cgroup
     # quota), fewer while other processes keep some busy (engine/thread_team.py)
@@ -48,6 +50,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "kv_cache_bytes", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name} must be positive")
+        size = self.kv_block_size
+        if not 1 <= size <= 1024 or size & (size - 1):
+            raise EngineConfigError(f"kv_block_size must be a power of two up to 1024, not {size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise EngineConfigError("max_model_len must be at least 2")
         if self.num_threads is not None and self.num_threads < 1:

@@ -29,8 +29,15 @@ class RequestOutput:
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
-    kv_cache_usage: float = 0.0  # reserved fraction of the KV cache
-    kv_cache_tokens_total: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the KV cache's blocks held by sequences
+    kv_cache_tokens_total: int = 0  # capacity: blocks times block size
+    kv_block_size: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_tokens_stored: int = 0  # tokens whose keys and values the running sequences hold
+    prefix_cache_queries_tokens_total: int = 0  # tokens of admitted sequences looked up
+    prefix_cache_hits_tokens_total: int = 0  # of those, found in the cache (not computed)
+    num_preemptions_total: int = 0
     prompt_tokens_per_s: float = 0.0  # over the recent window
     generation_tokens_per_s: float = 0.0
     num_prompt_tokens_total: int = 0

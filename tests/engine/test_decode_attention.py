@@ -20,42 +20,57 @@ SHAPES = [  # (heads, kv_heads, head_dim): SmolLM2, MHA, Llama-3-like, the gener
 ]
 
 
-def reference(q, k_cache, v_cache, starts, lens, scale):
+def rows_of(table: list[int], block_size: int, n: int) -> torch.Tensor:
+    """The cache rows of a sequence's first n keys, through its block table."""
+    return torch.tensor([table[i // block_size] * block_size + i % block_size for i in range(n)])
+
+
+def reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     out = torch.empty_like(q)
-    for b, (start, n) in enumerate(zip(starts, lens, strict=True)):
+    for b, (table, n) in enumerate(zip(tables, lens, strict=True)):
+        rows = rows_of(table, block_size, n)
         qs = q[b : b + 1].transpose(0, 1).unsqueeze(0)
-        ks = k_cache[:, start : start + n].unsqueeze(0)
-        vs = v_cache[:, start : start + n].unsqueeze(0)
+        ks = k_cache[:, rows].unsqueeze(0)
+        vs = v_cache[:, rows].unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
         out[b] = o.squeeze(0).transpose(0, 1)
     return out
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 16, 64])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), SHAPES)
-def test_kernel_matches_sdpa(heads: int, kv_heads: int, head_dim: int) -> None:
+def test_kernel_matches_sdpa(heads: int, kv_heads: int, head_dim: int, block_size: int) -> None:
     if not kernel.supports(heads, kv_heads, head_dim):
         assert head_dim % 16  # the one shape here the kernel leaves to SDPA
         return
     library = kernel.load()
     if library is None:
         pytest.skip("no C compiler")
-    rng = random.Random(heads * head_dim)
+    rng = random.Random(heads * head_dim + block_size)
     lens = [1, 2, 15, 16, 17, 31, 33, 300] + [rng.randint(1, 200) for _ in range(8)]
-    starts, row = [], 0
-    for n in lens:
-        starts.append(row)
-        row += n + rng.randint(0, 9)  # gaps between sequences, as the cache manager leaves
+    num_blocks = sum(-(-n // block_size) for n in lens) + 7  # spare blocks nobody reads
+    free = list(range(num_blocks))
+    rng.shuffle(free)  # block tables in no particular order, as the block manager leaves them
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    shared = lens[6] // block_size  # the full blocks of the 33-key sequence
+    tables[-1][:shared] = tables[6][:shared]  # a prefix-cache hit: blocks shared by two
+    lens[-1] = max(lens[-1], shared * block_size + 1)
+    tables[-1] += [free.pop() for _ in range(-(-lens[-1] // block_size) - len(tables[-1]))]
     gen = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(kv_heads, row, head_dim, generator=gen) * 3  # peaky softmaxes
-    v_cache = torch.randn(kv_heads, row, head_dim, generator=gen)
+    rows = num_blocks * block_size
+    k_cache = torch.randn(kv_heads, rows, head_dim, generator=gen) * 3  # peaky softmaxes
+    v_cache = torch.randn(kv_heads, rows, head_dim, generator=gen)
     q = torch.randn(len(lens), heads, head_dim, generator=gen)
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
+    starts = [sum(len(t) for t in tables[:b]) for b in range(len(tables))]
+    block_ids = torch.tensor([block for table in tables for block in table])
     kernel.decode_attention(
-        library, q, k_cache, v_cache, torch.tensor(starts), torch.tensor(lens), scale, out
-    )
+        library, q, k_cache, v_cache, block_ids, torch.tensor(starts), torch.tensor(lens),
+        block_size, scale, out,
+    )  # fmt: skip
     torch.testing.assert_close(
-        out, reference(q, k_cache, v_cache, starts, lens, scale), rtol=1e-5, atol=2e-6
+        out, reference(q, k_cache, v_cache, tables, lens, block_size, scale), rtol=1e-5, atol=2e-6
     )
 
 

@@ -263,12 +263,14 @@ def test_a_forward_failing_on_one_prompt_chunk_fails_that_request_only(
         return forward(input_ids, positions)
 
     monkeypatch.setattr(model, "forward", forward_unless_marked)
+    # MARK must reach the forward: not served from blocks an earlier test cached
+    monkeypatch.setattr(tiny_engine.scheduler.kv_cache, "enable_prefix_caching", False)
     victims, attack = _beside(tiny_engine, GREEDY)
     _assert_confined(victims, alone)
     # It failed in its first prompt chunk, a step in which it would not have sampled.
     assert attack.finish_reason == "error" and attack.new_token_ids == []
     assert isinstance(attack.error, SequenceFailedError)
-    assert tiny_engine.scheduler.kv_cache.num_used_rows == 0
+    assert tiny_engine.scheduler.kv_cache.num_used_blocks == 0
     monkeypatch.undo()
     assert _alone(tiny_engine) == alone
 
@@ -312,7 +314,7 @@ def test_an_adapter_slot_with_huge_weights_fails_only_its_requests(
         _assert_confined(victims, alone)
         assert attack.finish_reason == "error" and attack.new_token_ids == []
         assert isinstance(attack.error, NonFiniteLogitsError)
-    assert engine.scheduler.kv_cache.num_used_rows == 0
+    assert engine.scheduler.kv_cache.num_used_blocks == 0
     assert engine.adapters.stats()["device"]["pinned"] == 0
     assert _alone(engine, victim_adapters) == alone
 

@@ -17,7 +17,7 @@ import torch
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.adapters import adapter_cache_stats, build_adapter_cache, check_adapter
 from loramux_engine.engine.detokenizer import IncrementalDetokenizer, find_stop
-from loramux_engine.engine.kv_cache import KVCacheManager
+from loramux_engine.engine.kv_cache import BlockManager
 from loramux_engine.engine.model_runner import ModelRunner
 from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
@@ -57,7 +57,9 @@ class LLMEngine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         self.model_args = args = load_model_args(config.model_dir)
-        num_cache_rows = config.kv_cache_bytes // (args.kv_bytes_per_token * self.dtype.itemsize)
+        block_bytes = args.kv_bytes_per_token * self.dtype.itemsize * config.kv_block_size
+        num_blocks = config.kv_cache_bytes // block_bytes
+        num_cache_rows = num_blocks * config.kv_block_size
         self.max_model_len = config.max_model_len or min(
             args.max_position_embeddings, num_cache_rows
         )
@@ -77,7 +79,8 @@ class LLMEngine:
             config.model_dir,
             args,
             self.max_model_len,
-            num_cache_rows,
+            num_blocks,
+            config.kv_block_size,
             self.dtype,
             self.device,
             config.cpu_decode_kernel,
@@ -89,7 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.max_num_seqs,
             config.max_num_batched_tokens,
-            KVCacheManager(num_cache_rows),
+            BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching),
             self.adapters,
         )
         self._seqs: dict[str, Sequence] = {}
@@ -311,7 +314,14 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=kv_cache.usage,
-            kv_cache_tokens_total=kv_cache.num_rows,
+            kv_cache_tokens_total=kv_cache.num_blocks * kv_cache.block_size,
+            kv_block_size=kv_cache.block_size,
+            kv_blocks_total=kv_cache.num_blocks,
+            kv_blocks_used=kv_cache.num_used_blocks,
+            kv_tokens_stored=kv_cache.tokens_stored(self.scheduler.running),
+            prefix_cache_queries_tokens_total=kv_cache.prefix_queries_tokens,
+            prefix_cache_hits_tokens_total=kv_cache.prefix_hits_tokens,
+            num_preemptions_total=self.scheduler.num_preemptions,
             prompt_tokens_per_s=s.prompt_tokens_per_s,
             generation_tokens_per_s=s.generation_tokens_per_s,
             num_prompt_tokens_total=s.num_prompt_tokens_total,

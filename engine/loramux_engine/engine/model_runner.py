@@ -1,4 +1,4 @@
-"""Owns the model and the KV cache; runs one batch of scheduled tokens."""
+"""Owns the model and the paged KV cache; runs one batch of scheduled tokens."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class ModelRunner:
         model_dir: str,
         args: ModelArgs,
         max_model_len: int,
-        num_cache_rows: int,
+        num_blocks: int,
+        block_size: int,
         dtype: torch.dtype,
         device: torch.device,
         cpu_decode_kernel: bool = True,
@@ -39,12 +40,14 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Linear):
                     module.pack_for_onednn()
-        # kv_cache: [num_layers, 2, kv_heads, num_cache_rows, head_dim], allocated once
+        # kv_cache: [num_layers, 2, kv_heads, num_blocks * block_size, head_dim], allocated
+        # once; block b holds rows [b * block_size, (b + 1) * block_size)
+        self.block_size = block_size
         self.kv_cache = torch.zeros(
             args.num_layers,
             2,
             args.num_kv_heads,
-            num_cache_rows,
+            num_blocks * block_size,
             args.head_dim,
             dtype=dtype,
             device=device,
@@ -60,6 +63,7 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
+            attn.block_size = block_size
             attn.decode_kernel = kernel
 
     def attach_lora(self, pool: LoRASlotPool) -> None:
@@ -72,34 +76,46 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
+    def _rows(self, table: list[int], end: int) -> torch.Tensor:
+        """The cache rows of a sequence's keys [0, end), through its block table."""
+        blocks = torch.tensor(table, dtype=torch.long)
+        rows = blocks[:, None] * self.block_size + torch.arange(self.block_size)
+        return rows.view(-1)[:end].to(self.device)
+
     def _prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         cache_positions: list[int] = []
         segments: list[AttentionSegment] = []
         slot_ids: list[int] = []
         sample_rows: list[int] = []
-        token_kv_starts: list[int] = []
+        block_ids: list[int] = []
+        token_table_starts: list[int] = []
         token_kv_lens: list[int] = []
         for seq in seqs:
             start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
             end = start + n
             offset = len(input_ids)
+            table = seq.block_table
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            cache_positions.extend(range(seq.kv_start + start, seq.kv_start + end))
+            cache_positions.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             slot_ids.extend([seq.adapter_slot] * n)
-            segments.append(AttentionSegment(offset, offset + n, seq.kv_start, seq.kv_start + end))
             if end == len(seq):
                 sample_rows.append(offset + n - 1)
             if self.cpu_kernel:  # each token attends to its own prefix of the sequence
-                token_kv_starts.extend([seq.kv_start] * n)
+                token_table_starts.extend([len(block_ids)] * n)
+                block_ids.extend(table)
                 token_kv_lens.extend(range(start + 1, end + 1))
+            else:
+                segments.append(AttentionSegment(offset, offset + n, self._rows(table, end)))
         set_context(
             Context(
                 cache_positions=self._tensor(cache_positions),
                 segments=segments,
-                token_kv_starts=torch.tensor(token_kv_starts, dtype=torch.long),
+                block_ids=torch.tensor(block_ids, dtype=torch.long),
+                token_table_starts=torch.tensor(token_table_starts, dtype=torch.long),
                 token_kv_lens=torch.tensor(token_kv_lens, dtype=torch.long),
                 lora_batch=(
                     LoRABatch.build(slot_ids, self.device, dtype=self.dtype)

@@ -1,8 +1,25 @@
-"""Admission and per-step batch selection under the token budget.
+"""Admission, per-step batch selection and preemption over the paged KV cache.
 
-Every step runs each running sequence's next tokens (one for decode, the next
-chunk for a prompt still being filled) and then admits waiting sequences while
-the budget, the sequence limit and the KV cache allow.
+Every step runs each running sequence's next tokens (one for decode, the next chunk for
+a prompt still being filled) and then admits waiting sequences while the token budget,
+the sequence limit and the free KV blocks allow.
+
+Memory: a step takes KV blocks for the tokens it schedules, nothing more
+(engine/kv_cache.py). Admission needs blocks for the chunk it schedules (after any
+prefix-cache hit) plus a small watermark, kept for the running sequences' next tokens.
+When a running sequence needs a block and none is free, a running sequence is
+preempted: the one ranked lowest by the fairness policy (the batch class before the
+interactive one; within a class the most-served key; the newest first), possibly the
+one asking. Its blocks are freed (full ones stay in the prefix cache) and it waits
+again with every token it has, to be recomputed as a prompt when readmitted; it keeps
+its arrival, so it is readmitted ahead of newer requests, and its generator and
+emitted tokens are untouched, so its output is as if it had never been preempted.
+
+No head-of-line blocking: a waiting sequence whose chunk does not fit is passed over
+and smaller ones are admitted. No starvation: a waiting sequence past which
+``max_num_seqs`` sequences of its class or a more urgent one have been admitted is
+starving; a starving sequence goes first in its class, and when it does not fit,
+admission stops at it until it does (running sequences finish and free their blocks).
 
 Admission is fair across fairness keys (tenants): within a priority class the
 key that has received the least service goes first. Service is a virtual token
@@ -20,7 +37,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from loramux_engine.engine.kv_cache import KVCacheManager
+from loramux_engine.engine.kv_cache import BlockManager
 from loramux_engine.engine.sequence import Sequence, SequenceStatus
 from loramux_engine.lora.cache import AdapterCache
 from loramux_engine.lora.errors import AdapterLoadError
@@ -32,13 +49,19 @@ class Scheduler:
         self,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        kv_cache: KVCacheManager,
+        kv_cache: BlockManager,
         adapters: AdapterCache | None = None,
+        watermark_blocks: int | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache = kv_cache
         self.adapters = adapters
+        # Blocks admission leaves free for the running sequences' next tokens: 1%.
+        self.watermark_blocks = (
+            max(1, kv_cache.num_blocks // 100) if watermark_blocks is None else watermark_blocks
+        )
+        self.num_preemptions = 0
         # Sequences whose adapter failed to load; the engine reports and forgets them.
         self.failed: list[Sequence] = []
         self.waiting: list[Sequence] = []
@@ -59,7 +82,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _select_next(self, skipped: set[Sequence], charged: Counter[str]) -> Sequence | None:
-        """Next to admit: lowest priority value, then least served key, then first come.
+        """Next to admit: lowest priority value, starving first, least served key, first come.
 
         ``charged`` holds the prompt tokens admitted earlier in this same step, so that
         one pass over a flooded queue already interleaves the keys.
@@ -71,10 +94,14 @@ class Scheduler:
             candidates,
             key=lambda s: (
                 s.priority,
+                not self._starving(s),
                 self.service[s.fairness_key] + charged[s.fairness_key],
                 s.arrival,
             ),
         )
+
+    def _starving(self, seq: Sequence) -> bool:
+        return seq.num_bypassed >= self.max_num_seqs
 
     def _pin_adapter(self, seq: Sequence) -> bool:
         """Pin the sequence's adapter in a slot; False while it loads (or if it failed)."""
@@ -102,43 +129,113 @@ class Scheduler:
             assert self.adapters is not None and isinstance(seq.adapter, AdapterRef)
             self.adapters.release(seq.adapter)
 
+    def _victim_rank(self, seq: Sequence) -> tuple[int, float, int]:
+        """Higher ranks are preempted first: batch class, most-served key, newest."""
+        return (seq.priority, self.service[seq.fairness_key], seq.arrival)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and adapter pin; it waits to be recomputed."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_scheduled_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        try:
+            self.kv_cache.free(seq)
+        finally:
+            self._unpin_adapter(seq)
+        self.waiting.append(seq)
+
+    def _grant(self, seq: Sequence, wanted: int, scheduled: list[Sequence]) -> int:
+        """Blocks for up to ``wanted`` tokens of a running sequence, preempting if needed.
+
+        A prompt chunk shrinks to what the free blocks hold before anyone is preempted.
+        Returns the tokens granted; 0 when the sequence itself was preempted.
+        """
+        kv = self.kv_cache
+        while True:
+            n = wanted
+            if wanted > 1 and kv.blocks_needed(seq, wanted) > kv.num_free_blocks:
+                room = (len(seq.block_table) + kv.num_free_blocks) * kv.block_size
+                n = room - seq.num_computed_tokens
+            if n > 0 and kv.allocate(seq, n):
+                return n
+            victim = max(self.running, key=self._victim_rank)
+            self._preempt(victim)
+            if victim is seq:
+                return 0
+            if victim in scheduled:  # its tokens go back to the budget
+                scheduled.remove(victim)
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Blocks for the sequence's next chunk (after prefix-cache hits); 0 if it does not fit."""
+        kv = self.kv_cache
+        hit = kv.take_cached_prefix(seq)
+        n = min(seq.num_uncomputed_tokens, budget)
+        reserve = self.watermark_blocks if self.running else 0
+        if kv.blocks_needed(seq, n) + reserve <= kv.num_free_blocks and kv.allocate(seq, n):
+            kv.count_lookup(seq, hit)
+            return n
+        kv.free(seq)  # the prefix hit too: a waiting sequence holds no blocks
+        return 0
+
     def schedule(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
-        # decode first so long prompts never stall running sequences
-        for running in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+        # Decode first so long prompts never stall running sequences; within each, the
+        # sequences preempted last go first, so that a preemption rarely undoes work
+        # already scheduled in this step.
+        for running in sorted(
+            self.running, key=lambda s: (s.num_uncomputed_tokens > 1, self._victim_rank(s))
+        ):
+            budget = self.max_num_batched_tokens - sum(s.num_scheduled_tokens for s in scheduled)
             if budget == 0:
                 break
-            running.num_scheduled_tokens = min(running.num_uncomputed_tokens, budget)
-            budget -= running.num_scheduled_tokens
-            scheduled.append(running)
+            if running not in self.running:  # preempted for an earlier one in this loop
+                continue
+            granted = self._grant(running, min(running.num_uncomputed_tokens, budget), scheduled)
+            if granted:
+                running.num_scheduled_tokens = granted
+                scheduled.append(running)
+        budget = self.max_num_batched_tokens - sum(s.num_scheduled_tokens for s in scheduled)
         # admit
         skipped: set[Sequence] = set()
         charged: Counter[str] = Counter()
+        admitted: Counter[int] = Counter()  # per priority class
         while budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._select_next(skipped, charged)
-            if seq is None or not self.kv_cache.can_allocate(seq):
+            if seq is None:
                 break
             if not self._pin_adapter(seq):
                 skipped.add(seq)  # only this adapter's requests wait for its load
                 continue
-            charged[seq.fairness_key] += seq.num_prompt_tokens
             try:
-                self.kv_cache.allocate(seq)
+                granted = self._admit(seq, budget)
             except BaseException:
                 self._unpin_adapter(seq)  # the pin must not outlive a failed admission
                 raise
+            if not granted:
+                self._unpin_adapter(seq)
+                if self._starving(seq):
+                    break  # nobody else goes ahead until it fits
+                skipped.add(seq)
+                continue
+            admitted[seq.priority] += 1
+            charged[seq.fairness_key] += seq.num_prompt_tokens
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
-            budget -= seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = granted
+            budget -= granted
             scheduled.append(seq)
+        if admitted:
+            for waiting in self.waiting:
+                waiting.num_bypassed += sum(n for p, n in admitted.items() if p <= waiting.priority)
         scheduled.sort(key=lambda s: (s.num_scheduled_tokens > 1, s.adapter_slot))
         return scheduled
 
     def postprocess(self, seqs: list[Sequence], sampled: list[int | None]) -> None:
-        """Advance the scheduled sequences; append each sampled token."""
+        """Advance the scheduled sequences; append each sampled token; key full blocks."""
         for seq, token_id in zip(seqs, sampled, strict=True):
             num_prompt = min(
                 seq.num_scheduled_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
@@ -149,9 +246,10 @@ class Scheduler:
             seq.num_scheduled_tokens = 0
             if token_id is not None:
                 seq.token_ids.append(token_id)
+            self.kv_cache.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Finish a sequence; its KV rows and adapter pin are returned even if one raises."""
+        """Finish a sequence; its KV blocks and adapter pin are returned even if one raises."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
@@ -164,6 +262,6 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         try:
-            self.kv_cache.deallocate(seq)  # a no-op for a sequence that holds no rows
+            self.kv_cache.free(seq)  # a no-op for a sequence that holds no blocks
         finally:
             self._unpin_adapter(seq)

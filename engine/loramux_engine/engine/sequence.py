@@ -34,7 +34,7 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
-        # Prompt plus everything it may generate: the KV rows it reserves.
+        # Prompt plus everything it may generate: it finishes with "length" there.
         self.max_len = max_len
         self.fairness_key = fairness_key
         self.priority = priority
@@ -47,7 +47,13 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
         self.num_scheduled_tokens = 0  # tokens going through the model this step
-        self.kv_start = -1  # first cache row of this sequence's reservation
+        # The KV cache blocks holding its tokens, in order (engine/kv_cache.py), and the
+        # prefix-cache keys of the leading full ones; both empty while it waits.
+        self.block_table: list[int] = []
+        self.block_keys: list[bytes] = []
+        self.prefix_salt = b""  # tenant and adapter version, hashed into every block key
+        self.num_preemptions = 0
+        self.num_bypassed = 0  # sequences admitted past it while it waited (scheduler.py)
         self.output_text = ""
         self.num_emitted_chars = 0
         self.num_emitted_tokens = 0

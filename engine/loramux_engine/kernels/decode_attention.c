@@ -1,12 +1,16 @@
-/* Attention for CPU: each query token against its own contiguous run of KV cache rows,
- * fp32, grouped-query heads sharing each key/value row. A decode token's run is its
- * sequence so far; a prompt token's is the prompt up to and including itself (causal).
+/* Attention for CPU over the paged KV cache: each query token against the first len_b
+ * keys of its sequence, read through the sequence's block table; fp32, grouped-query
+ * heads sharing each key/value row. A decode token's keys are its sequence so far; a
+ * prompt token's are the prompt up to and including itself (causal).
  *
- * Semantics: for each query b and head h (kv head h / group),
- *   out[b, h] = softmax(scale * K[start_b : start_b + len_b] @ q[b, h]) @ V[...]
- * Shape: q, out: [num_queries (num_seqs), num_heads, head_dim];
- *        k_cache, v_cache: [num_kv_heads, cache_rows, head_dim] (row-major, contiguous);
- *        starts, lens: [num_seqs] (int64); head_dim a multiple of 16, at most 256.
+ * Semantics: for each query b and head h (kv head h / group), with the sequence's
+ * block table T_b = block_ids[table_starts[b]:] and row(l) = T_b[l / bs] * bs + l % bs,
+ *   out[b, h] = softmax(scale * K[row(0 .. len_b - 1)] @ q[b, h]) @ V[...]
+ * Shape: q, out: [num_queries, num_heads, head_dim];
+ *        k_cache, v_cache: [num_kv_heads, cache_rows, head_dim] (row-major, contiguous),
+ *        cache_rows = num_blocks * bs, bs = 1 << block_shift;
+ *        block_ids: the block tables, concatenated (int64);
+ *        table_starts, lens: [num_queries] (int64); head_dim a multiple of 16, at most 256.
  *
  * One pass over the keys with an online softmax (flash-decoding): each key and value
  * row is read once and used by every query head of its group, so the kernel runs at
@@ -23,15 +27,20 @@
 #define MAX_GROUP 16
 #define MAX_CHUNKS 16 /* head_dim / 16 */
 #define BLOCK 16      /* keys per online-softmax step: one vector of scores */
-#define PREFETCH 8    /* rows ahead; past a sequence's end it only warms its neighbour */
+#define PREFETCH 8    /* keys ahead in the sequence, found through its block table */
 
 typedef struct {
     const float *q, *k, *v;
     float *out;
-    const int64_t *starts, *lens;
-    int64_t num_seqs, num_heads, num_kv_heads, head_dim, cache_rows;
+    const int64_t *block_ids, *table_starts, *lens;
+    int64_t num_seqs, num_heads, num_kv_heads, head_dim, cache_rows, block_shift;
     float scale;
 } Args;
+
+/* The cache row of a sequence's key l, through its block table. */
+static inline int64_t row_of(const int64_t *table, int64_t shift, int64_t l) {
+    return (table[l >> shift] << shift) | (l & ((INT64_C(1) << shift) - 1));
+}
 
 /* mask ? a : b per lane; mask lanes are all ones or all zeros (a vector comparison) */
 static inline v16 select(v16i mask, v16 a, v16 b) {
@@ -78,10 +87,10 @@ static inline v16 vexp(v16 x) {
     return select(tiny, splat(0.f), y);
 }
 
-/* One cache row into C vectors, prefetching the row PREFETCH ahead. */
-static inline void load_row(v16 *dst, const float *row, int64_t D, int64_t C) {
+/* One cache row into C vectors, prefetching the row the sequence reads PREFETCH later. */
+static inline void load_row(v16 *dst, const float *row, const float *ahead, int64_t C) {
     for (int64_t c = 0; c < C; c++) {
-        __builtin_prefetch(row + PREFETCH * D + c * 16);
+        __builtin_prefetch(ahead + c * 16);
         dst[c] = load16(row + c * 16);
     }
 }
@@ -92,9 +101,10 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
                                                                int64_t kvh, const int64_t G,
                                                                const int64_t C) {
     const int64_t D = C * 16;
-    const int64_t L = a->lens[b];
-    const float *K = a->k + (kvh * a->cache_rows + a->starts[b]) * D;
-    const float *V = a->v + (kvh * a->cache_rows + a->starts[b]) * D;
+    const int64_t L = a->lens[b], shift = a->block_shift;
+    const int64_t *table = a->block_ids + a->table_starts[b];
+    const float *K = a->k + kvh * a->cache_rows * D;
+    const float *V = a->v + kvh * a->cache_rows * D;
     const float *q = a->q + (b * a->num_heads + kvh * G) * D;
     float *out = a->out + (b * a->num_heads + kvh * G) * D;
     v16 qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS];
@@ -117,7 +127,8 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
                 continue;
             }
             v16 kv[MAX_CHUNKS];
-            load_row(kv, K + (l0 + j) * D, D, C);
+            const int64_t l = l0 + j, ahead = l + PREFETCH < L ? l + PREFETCH : l;
+            load_row(kv, K + row_of(table, shift, l) * D, K + row_of(table, shift, ahead) * D, C);
             for (int64_t g = 0; g < G; g++) {
                 v16 t = qv[g][0] * kv[0];
                 for (int64_t c = 1; c < C; c++) t += qv[g][c] * kv[c];
@@ -138,7 +149,8 @@ static inline __attribute__((always_inline)) void attend_group(const Args *a, in
         }
         for (int64_t j = 0; j < n; j++) {  /* values: V row read once for the group */
             v16 vv[MAX_CHUNKS];
-            load_row(vv, V + (l0 + j) * D, D, C);
+            const int64_t l = l0 + j, ahead = l + PREFETCH < L ? l + PREFETCH : l;
+            load_row(vv, V + row_of(table, shift, l) * D, V + row_of(table, shift, ahead) * D, C);
             for (int64_t g = 0; g < G; g++) {
                 const float p = probs[g][j];
                 for (int64_t c = 0; c < C; c++) acc[g][c] += p * vv[c];
@@ -165,13 +177,15 @@ static void attend(const Args *a, int64_t b, int64_t kvh) {
 }
 
 int decode_attention(const float *q, const float *k_cache, const float *v_cache, float *out,
-                     const int64_t *starts, const int64_t *lens, int64_t num_seqs,
-                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                     int64_t cache_rows, float scale, int num_threads) {
+                     const int64_t *block_ids, const int64_t *table_starts, const int64_t *lens,
+                     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim, int64_t cache_rows, int64_t block_shift, float scale,
+                     int num_threads) {
     if (num_heads % num_kv_heads || num_heads / num_kv_heads > MAX_GROUP) return -1;
     if (head_dim % 16 || head_dim / 16 > MAX_CHUNKS) return -1;
-    const Args args = {q, k_cache, v_cache, out, starts, lens, num_seqs, num_heads,
-                       num_kv_heads, head_dim, cache_rows, scale};
+    if (block_shift < 0 || block_shift > 30) return -1;
+    const Args args = {q, k_cache, v_cache, out, block_ids, table_starts, lens, num_seqs,
+                       num_heads, num_kv_heads, head_dim, cache_rows, block_shift, scale};
     const int64_t items = num_seqs * num_kv_heads;
     /* small dynamic chunks: a prompt's later tokens attend to more keys than its first */
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads > 0 ? num_threads : 1)

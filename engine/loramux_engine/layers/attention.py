@@ -1,10 +1,11 @@
-"""Grouped-query attention over the preallocated KV cache.
+"""Grouped-query attention over the paged KV cache.
 
-Each sequence owns a contiguous run of cache rows, so its keys and values are a
-view of the cache: no gather and no padding. New keys/values are written by index
-first, then every sequence attends over its own view: on a CPU in fp32 every token in
-one call of the C kernel (a prompt token is a query over its own prefix; measured at a
-quarter of the time of per-prompt SDPA on 2,048-token prefill steps), else through SDPA.
+The cache is blocks of rows (engine/kv_cache.py); a sequence's keys and values are the
+rows its block table names. New keys/values are written by row first, then every
+sequence attends over its own rows: on a CPU in fp32 every token in one call of the C
+kernel, which follows the block tables itself (a prompt token is a query over its own
+prefix; measured at a quarter of the time of per-prompt SDPA on 2,048-token prefill
+steps), else through SDPA over the sequence's rows gathered by index.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
-        # k_cache, v_cache: [num_kv_heads, num_cache_rows, head_dim], bound by the runner
+        # k_cache, v_cache: [num_kv_heads, num_blocks * block_size, head_dim], bound by the
+        # runner with the block size
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.block_size = 0
         self.decode_kernel: ctypes.CDLL | None = None  # bound by the runner on CPU, fp32
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,8 @@ class Attention(nn.Module):
         if self.decode_kernel is not None:  # every token, prompt or decode, in one call
             decode_attention(
                 self.decode_kernel, q.contiguous(), self.k_cache, self.v_cache,
-                context.token_kv_starts, context.token_kv_lens, self.scale, out,
+                context.block_ids, context.token_table_starts, context.token_kv_lens,
+                self.block_size, self.scale, out,
             )  # fmt: skip
         else:
             for seg in context.segments:
@@ -50,10 +54,10 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, seg: AttentionSegment) -> torch.Tensor:
         num_queries = seg.query_end - seg.query_start
-        num_keys = seg.kv_end - seg.kv_start
+        num_keys = seg.kv_rows.numel()
         qs = q[seg.query_start : seg.query_end].transpose(0, 1).unsqueeze(0)
-        ks = self.k_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
-        vs = self.v_cache[:, seg.kv_start : seg.kv_end].unsqueeze(0)
+        ks = self.k_cache.index_select(1, seg.kv_rows).unsqueeze(0)
+        vs = self.v_cache.index_select(1, seg.kv_rows).unsqueeze(0)
         gqa = self.num_heads != self.num_kv_heads
         if num_queries == 1:  # decode
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale, enable_gqa=gqa)

@@ -12,21 +12,23 @@ from loramux_engine.lora.ops import LoRABatch
 
 @dataclass(slots=True)
 class AttentionSegment:
-    """One sequence's slice of the flattened batch and of the KV cache."""
+    """One sequence's slice of the flattened batch and the cache rows of its keys so far."""
 
     query_start: int  # rows [query_start, query_end) of the batch
     query_end: int
-    kv_start: int  # cache rows [kv_start, kv_end) hold this sequence's keys so far
-    kv_end: int
+    kv_rows: torch.Tensor  # [num_keys] int64: the cache row of each key, in order
 
 
 @dataclass(slots=True)
 class Context:
     cache_positions: torch.Tensor  # [num_tokens] cache row each new key/value goes to
+    # For the SDPA path (empty with the CPU kernel): one per scheduled sequence.
     segments: list[AttentionSegment]
-    # For the CPU attention kernel (empty without it): the cache rows each token attends
-    # to, [start, start + len), its sequence's keys up to and including its own.
-    token_kv_starts: torch.Tensor  # [num_tokens] int64
+    # For the CPU attention kernel (empty without it): the block tables concatenated, and
+    # for each token where its sequence's table starts in them and how many keys it
+    # attends to (its sequence's keys up to and including its own).
+    block_ids: torch.Tensor  # int64
+    token_table_starts: torch.Tensor  # [num_tokens] int64
     token_kv_lens: torch.Tensor  # [num_tokens] int64
     # Each token's adapter slot; None when no token of this step uses an adapter.
     lora_batch: LoRABatch | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramux_engine.engine.kv_cache import KVCacheManager
+from loramux_engine.engine.kv_cache import BlockManager
 from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.lora.adapter import WEIGHTS_NAME, LoRAAdapter, LoRAWeights, parse_adapter
@@ -354,7 +354,7 @@ def test_scheduler_fails_requests_of_unwritable_adapters_and_keeps_admitting(
     ]
     victim = AdapterRef("victim", publish(source.root, *read_files(fit), "x").sha256, "b")
     cache = _narrow_cache(tmp_path, source)
-    kv_cache = KVCacheManager(64)
+    kv_cache = BlockManager(16, 4)
     scheduler = Scheduler(
         max_num_seqs=4, max_num_batched_tokens=64, kv_cache=kv_cache, adapters=cache
     )
@@ -372,7 +372,7 @@ def test_scheduler_fails_requests_of_unwritable_adapters_and_keeps_admitting(
                 break
             time.sleep(0.001)
         assert all(isinstance(s.error, AdapterLoadError) for s in scheduler.failed)
-        assert not scheduler.has_unfinished() and kv_cache.num_used_rows == 0
+        assert not scheduler.has_unfinished() and kv_cache.num_used_blocks == 0
         assert cache.stats()["device"]["pinned"] == 0 and cache.stats()["device"]["free"] == 2
 
         victims = [seq(f"victim-{i}", victim, "b") for i in range(2)]
@@ -387,7 +387,7 @@ def test_scheduler_fails_requests_of_unwritable_adapters_and_keeps_admitting(
         assert cache.stats()["device"]["pinned"] == 1
         for s in victims:
             scheduler.finish(s, "stop")
-        assert cache.stats()["device"]["pinned"] == 0 and kv_cache.num_used_rows == 0
+        assert cache.stats()["device"]["pinned"] == 0 and kv_cache.num_used_blocks == 0
     finally:
         cache.close()
 
