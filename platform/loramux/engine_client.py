@@ -110,6 +110,8 @@ def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineC
         max_num_seqs=settings.engine_max_num_seqs,
         max_model_len=settings.engine_max_model_len,
         kv_cache_bytes=settings.engine_kv_cache_bytes,
+        kv_block_size=settings.engine_kv_block_size,
+        enable_prefix_caching=settings.engine_prefix_caching,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
         num_threads=settings.engine_num_threads,
         adapter_source=StorageAdapterSource(storage),

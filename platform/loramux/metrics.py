@@ -35,7 +35,34 @@ class EngineCollector(Collector):
             "loramux:num_requests_waiting", "Requests waiting for admission.", stats.num_waiting
         )
         yield GaugeMetricFamily(
-            "loramux:kv_cache_usage_perc", "Fraction of the KV cache in use.", stats.kv_cache_usage
+            "loramux:kv_cache_usage_perc",
+            "Fraction of the KV cache's blocks in use.",
+            stats.kv_cache_usage,
+        )
+        yield GaugeMetricFamily(
+            "loramux:kv_cache_blocks_used",
+            "KV cache blocks held by requests.",
+            stats.kv_blocks_used,
+        )
+        yield GaugeMetricFamily(
+            "loramux:kv_cache_blocks_total",
+            f"KV cache blocks ({stats.kv_block_size} tokens each).",
+            stats.kv_blocks_total,
+        )
+        yield CounterMetricFamily(
+            "loramux:prefix_cache_queries",
+            "Prefix cache queries, in tokens.",
+            stats.prefix_cache_queries_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "loramux:prefix_cache_hits",
+            "Prefix cache hits, in tokens.",
+            stats.prefix_cache_hits_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "loramux:num_preemptions",
+            "Requests preempted (their KV blocks freed, recomputed later).",
+            stats.num_preemptions_total,
         )
         yield CounterMetricFamily(
             "loramux:prompt_tokens", "Prompt tokens processed.", stats.num_prompt_tokens_total

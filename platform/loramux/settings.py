@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     engine_max_num_seqs: int = 64
     engine_max_model_len: int | None = None  # None: the model's context, capped by the KV cache
     engine_kv_cache_bytes: int = 1 << 30
+    # The paged KV cache: tokens per block (a power of two), and whether full blocks of a
+    # tenant's earlier prompts are reused (keyed by tenant and adapter version).
+    engine_kv_block_size: int = Field(default=16, ge=1, le=1024)
+    engine_prefix_caching: bool = True
     engine_max_batched_tokens: int = 2048
     # The engine's CPU threads; None: one per CPU it may use (affinity, cgroup quota), fewer
     # while other processes keep some of those CPUs busy.

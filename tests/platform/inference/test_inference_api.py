@@ -193,3 +193,23 @@ def test_metrics_are_exposed_in_prometheus_format(client, make_tenant) -> None: 
         line for line in text.splitlines() if line.startswith("loramux:generation_tokens_total")
     ]
     assert generated and float(generated[0].split()[-1]) >= 3
+
+
+def _metric(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[-1])
+
+
+def test_paged_kv_and_prefix_cache_metrics(client, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    _, key = make_tenant("acme")
+    model = client.get("/v1/models", headers=bearer(key)).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "shared prompt " * 3, "max_tokens": 2}
+    for _ in range(2):  # the second one finds the first one's full blocks
+        client.post("/v1/completions", headers=bearer(key), json=body).raise_for_status()
+    text = client.get("/metrics", headers=admin_headers()).text
+    assert _metric(text, "loramux:kv_cache_blocks_total") > 0
+    assert _metric(text, "loramux:kv_cache_blocks_used") == 0  # every block came back
+    queries = _metric(text, "loramux:prefix_cache_queries_total")
+    hits = _metric(text, "loramux:prefix_cache_hits_total")
+    assert queries > hits >= 16
+    assert _metric(text, "loramux:num_preemptions_total") == 0
