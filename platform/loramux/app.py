@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from loramux import openapi
+from loramux.adapters.outbox import ValidationOutbox
 from loramux.api import (
     adapters,
     admin,
@@ -81,9 +82,17 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
                 settings.usage_spool_replay_interval_s,
             )
         )
+        # Validations due in the registry (an upload's, one a dead worker or broker lost):
+        # published now and every few seconds; a broker that is down delays them only.
+        outbox = ValidationOutbox.from_settings(app_state.sessions, settings)
+        dispatch = asyncio.create_task(outbox.dispatch_forever())
         try:
             yield
         finally:
+            outbox.stop()
+            dispatch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatch
             replay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await replay

@@ -1,4 +1,4 @@
-"""Remove blobs nothing references and unstick validations.
+"""Remove blobs nothing references, and what interrupted uploads left behind.
 
 A blob under ``adapters/<sha256>/`` is kept while a live adapter's version that is not
 rejected, or a pending upload lease, names that sha256; a staged blob under
@@ -7,13 +7,12 @@ rejected, or a pending upload lease, names that sha256; a staged blob under
 go. Each deletion re-reads the registry just before it, so an upload that committed
 while the listing ran keeps its blobs. What a put killed mid-write left behind (a temp
 file under the local store's ``.tmp/``, an S3 multipart upload never completed) goes once
-older than the same TTL.
+older than the same TTL. (Validations left unfinished are the outbox's: adapters/outbox.py.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,8 +27,6 @@ from loramux.storage import Storage
 
 log = logging.getLogger(__name__)
 
-# A validation re-enqueued this many times over is refused rather than retried forever.
-MAX_VALIDATION_ATTEMPTS = 4
 # Finished presigned uploads answer a repeated complete for this long, then go.
 FINISHED_UPLOAD_RETENTION = timedelta(days=7)
 
@@ -39,16 +36,12 @@ class CleanupReport:
     deleted_blobs: list[str] = field(default_factory=list)
     removed_partial_uploads: int = 0
     expired_uploads: int = 0
-    requeued_versions: list[str] = field(default_factory=list)
-    timed_out_versions: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "deleted_blobs": self.deleted_blobs,
             "removed_partial_uploads": self.removed_partial_uploads,
             "expired_uploads": self.expired_uploads,
-            "requeued_versions": self.requeued_versions,
-            "timed_out_versions": self.timed_out_versions,
         }
 
 
@@ -132,54 +125,14 @@ def expire_uploads(sessions: sessionmaker[Session], now: datetime) -> int:
         return int(getattr(expired, "rowcount", 0) or 0)
 
 
-def unstick_validations(
-    sessions: sessionmaker[Session],
-    timeout: timedelta,
-    now: datetime,
-    enqueue: Callable[[str], None],
-    report: CleanupReport,
-) -> None:
-    """Re-enqueue versions validating for longer than ``timeout``; refuse the hopeless."""
-    with transaction(sessions) as session:
-        stale = session.scalars(
-            select(AdapterVersion)
-            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            .where(AdapterVersion.status == "validating", Adapter.deleted_at.is_(None))
-            .where(AdapterVersion.created_at <= now - timeout)
-        ).all()
-        for version in stale:
-            if version.created_at <= now - timeout * MAX_VALIDATION_ATTEMPTS:
-                version.status = "rejected"
-                version.reason = (
-                    "validation did not finish after several attempts; upload the adapter "
-                    "again, and tell the operator if this repeats"
-                )
-                report.timed_out_versions.append(version.id)
-            else:
-                report.requeued_versions.append(version.id)
-    for version_id in report.requeued_versions:
-        enqueue(version_id)
-
-
 def run_cleanup(
-    sessions: sessionmaker[Session],
-    storage: Storage,
-    settings: Settings,
-    enqueue: Callable[[str], None],
+    sessions: sessionmaker[Session], storage: Storage, settings: Settings
 ) -> CleanupReport:
     now = datetime.now(UTC)
     report = CleanupReport()
     report.expired_uploads = expire_uploads(sessions, now)
-    unstick_validations(
-        sessions, timedelta(seconds=settings.adapter_validation_timeout_s), now, enqueue, report
-    )
     report.deleted_blobs = remove_orphaned_blobs(sessions, storage)
     report.removed_partial_uploads = storage.remove_partial_uploads(settings.adapter_upload_ttl_s)
-    if (
-        report.deleted_blobs
-        or report.removed_partial_uploads
-        or report.requeued_versions
-        or report.timed_out_versions
-    ):
+    if report.deleted_blobs or report.removed_partial_uploads:
         log.info("cleanup: %s", report.as_dict())
     return report

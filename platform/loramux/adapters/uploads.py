@@ -2,7 +2,9 @@
 
 A crash between the two leaves blobs without a row, never a row without blobs: each
 upload first commits an ``AdapterUpload`` lease, which keeps the cleanup task off its
-blobs until it expires, and the commit that creates the version ends the lease.
+blobs until it expires, and the commit that creates the version ends the lease. The same
+commit makes the version's validation message due (adapters/outbox.py): the response never
+waits on the broker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from loramux.adapters import idempotency, registry
 from loramux.adapters.base_shape import base_model_shape
 from loramux.adapters.config_check import ConfigSummary, check_config_bytes
 from loramux.adapters.errors import AdapterRejected
+from loramux.adapters.outbox import ValidationOutbox
 from loramux.base_models import ModelError
 from loramux.db.models import AdapterUpload, Tenant
 from loramux.db.session import transaction
@@ -98,6 +101,7 @@ class AdapterUploads:
     storage: Storage
     settings: Settings
     base_model_id: str
+    # Publishes one validation message (the outbox's publisher for this process's broker).
     enqueue_validation: Callable[[str], None]
 
     def check(self, name: Any, config_raw: bytes, weights_bytes: int) -> tuple[str, ConfigSummary]:
@@ -222,7 +226,8 @@ class AdapterUploads:
         *,
         status: int,
     ) -> Response:
-        """Create the version and end the lease in one transaction, then enqueue validation."""
+        """Create the version (its validation due) and end the lease in one transaction, then
+        publish the validation in the background."""
         try:
             with transaction(self.sessions) as session:
                 tenant = registry.lock_tenant(session, tenant_id)
@@ -261,15 +266,10 @@ class AdapterUploads:
                 f"another upload of {staged.name!r} committed at the same time; retry",
                 param="name",
             ) from None
-        self.enqueue(version.id)
+        ValidationOutbox(self.sessions, self.settings, self.enqueue_validation).publish_soon(
+            version.id
+        )
         return status, body
-
-    def enqueue(self, version_id: str) -> None:
-        # A lost message is not lost work: cleanup re-enqueues versions left validating.
-        try:
-            self.enqueue_validation(version_id)
-        except Exception:
-            log.exception("could not enqueue the validation of %s; cleanup will retry", version_id)
 
 
 def expired(upload: AdapterUpload) -> bool:

@@ -1,7 +1,9 @@
 """The validation task's work for one version, idempotent by version id.
 
-A version already ``ready`` or ``rejected`` is left alone, so a redelivered message is a
-no-op; the final status is written only while the row is still ``validating``. The
+A version already ``ready`` or ``rejected`` is left alone, so a redelivered message, or one
+the outbox published again after a timeout (adapters/outbox.py), is a no-op; the final
+status is written only while the row is still ``validating``, so of two copies running at
+once, or a copy finishing after the outbox rejected the version, one outcome stands. The
 stored files are checked against the version's sha256 before their content is.
 """
 

@@ -109,10 +109,24 @@ class Adapter(Base):
 
 
 class AdapterVersion(Base):
-    """Immutable once ready: weights under a live id never change."""
+    """Immutable once ready: weights under a live id never change.
+
+    While ``validating``, the row is the validation's outbox (adapters/outbox.py): its
+    message has been published ``validation_attempts`` times, and the dispatcher acts on
+    it again at ``validation_due_at`` (null: at once).
+    """
 
     __tablename__ = "adapter_versions"
-    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "version"),
+        # The dispatcher's scan: only the versions still validating.
+        Index(
+            "ix_adapter_versions_validating_due",
+            "validation_due_at",
+            sqlite_where=text("status = 'validating'"),
+            postgresql_where=text("status = 'validating'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("adv_"))
     adapter_id: Mapped[str] = mapped_column(
@@ -131,6 +145,8 @@ class AdapterVersion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _stamped()
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    validation_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class AdapterUpload(Base):

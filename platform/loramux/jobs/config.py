@@ -33,8 +33,8 @@ def make_celery(
         worker_prefetch_multiplier=1,
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,
-        # A publish to a broker that is down gives up quickly: the API answers, and the
-        # cleanup task re-enqueues what was not sent.
+        # A publish to a broker that is down gives up quickly; what was not sent is still
+        # in the registry and is sent again (the validation outbox, resume_batches).
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
     )
     if cleanup_interval_s:
@@ -48,3 +48,22 @@ def make_celery(
             "resume-batches": {"task": RESUME_BATCHES, "schedule": 60.0},
         }
     return app
+
+
+def producer_timeouts(broker_url: str, timeout_s: float) -> dict[str, object]:
+    """Configuration bounding a publish to a broker that accepts and then never answers.
+
+    Celery's own connect timeout covers connecting; a frozen broker also needs the
+    transport's socket timeouts, without which a publish waits forever. Producers only: a
+    worker's long-polling reads (BRPOP) must not time out.
+    """
+    conf: dict[str, object] = {"broker_connection_timeout": timeout_s}
+    scheme = broker_url.partition("://")[0]
+    if scheme in ("redis", "rediss", "sentinel"):
+        conf["broker_transport_options"] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        }
+    elif scheme in ("amqp", "amqps", "pyamqp"):
+        conf["broker_transport_options"] = {"read_timeout": timeout_s, "write_timeout": timeout_s}
+    return conf

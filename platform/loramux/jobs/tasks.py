@@ -38,10 +38,4 @@ def validate_adapter_version(version_id: str) -> str | None:
 @app.task(name=CLEANUP_ORPHANED_BLOBS, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=3)
 def cleanup_orphaned_blobs() -> dict[str, Any]:
     context = worker_context()
-    report = run_cleanup(
-        context.sessions,
-        context.storage,
-        context.settings,
-        enqueue=lambda version_id: validate_adapter_version.delay(version_id),
-    )
-    return report.as_dict()
+    return run_cleanup(context.sessions, context.storage, context.settings).as_dict()

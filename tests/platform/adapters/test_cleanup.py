@@ -1,7 +1,7 @@
-"""Cleanup: orphaned blobs go, referenced and leased ones stay, stuck validations move on.
+"""Cleanup: orphaned blobs go, referenced and leased ones stay.
 
-The registry-level tests at the end run on SQLite too: after a crash, cleanup is the only
-way an adapter leaves ``validating``, so it must work on the embedded default.
+The registry-level tests at the end run on SQLite too, the embedded default. Validations
+left unfinished are the outbox's (tests/platform/adapters/test_validation_outbox.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from loramux.adapters.cleanup import FINISHED_UPLOAD_RETENTION, MAX_VALIDATION_ATTEMPTS, run_cleanup
+from loramux.adapters.cleanup import FINISHED_UPLOAD_RETENTION, run_cleanup
 from loramux.adapters.validation_job import validate_version
 from loramux.db.models import AdapterUpload, AdapterVersion
 from loramux.db.session import transaction
@@ -34,10 +34,9 @@ def _state(client: Any) -> Any:
     return client.app.state.loramux
 
 
-def _cleanup(client: Any, enqueued: list[str] | None = None) -> Any:
+def _cleanup(client: Any) -> Any:
     state = _state(client)
-    sink = enqueued if enqueued is not None else []
-    return run_cleanup(state.sessions, state.storage, state.settings, enqueue=sink.append)
+    return run_cleanup(state.sessions, state.storage, state.settings)
 
 
 def _orphan(storage: Any, seed: bytes) -> list[str]:
@@ -117,33 +116,6 @@ def test_deleted_adapters_blobs_go_unless_another_version_shares_them(  # type: 
     assert client.get("/v1/adapters/bot", headers=bearer(secret_b)).json()["status"] == "ready"
 
 
-def test_stuck_validations_are_requeued_then_refused(  # type: ignore[no-untyped-def]
-    client, make_tenant, peft_adapter_dir, wait_validated, db
-) -> None:
-    _, secret = make_tenant("acme")
-    body = upload(client, secret, "bot", peft_adapter_dir).json()
-    wait_validated(body["version_id"])
-    timeout = timedelta(seconds=_state(client).settings.adapter_validation_timeout_s)
-
-    def age(by: timedelta) -> None:
-        with transaction(db) as session:
-            session.execute(
-                update(AdapterVersion)
-                .where(AdapterVersion.id == body["version_id"])
-                .values(status="validating", created_at=datetime.now(UTC) - by)
-            )
-
-    age(timeout * 2)
-    enqueued: list[str] = []
-    assert _cleanup(client, enqueued).requeued_versions == [body["version_id"]]
-    assert enqueued == [body["version_id"]]
-
-    age(timeout * (MAX_VALIDATION_ATTEMPTS + 1))
-    assert _cleanup(client).timed_out_versions == [body["version_id"]]
-    shown = client.get("/v1/adapters/bot", headers=bearer(secret)).json()
-    assert shown["status"] == "rejected" and "did not finish" in shown["reason"]
-
-
 def test_validation_is_idempotent_by_version_id(  # type: ignore[no-untyped-def]
     client, make_tenant, peft_adapter_dir, wait_validated, db
 ) -> None:
@@ -164,7 +136,7 @@ def test_validation_is_idempotent_by_version_id(  # type: ignore[no-untyped-def]
 def _registry_cleanup(
     db: sessionmaker[Session], registry_url: str, tmp_path: Path
 ) -> tuple[LocalStorage, Settings, Any]:
-    """Local storage, settings, and ``run() -> (report, enqueued)``: cleanup with no worker."""
+    """Local storage, settings, and ``run() -> report``: cleanup with no worker."""
     settings = Settings(
         home=tmp_path / "home",
         database_url=registry_url,
@@ -172,42 +144,10 @@ def _registry_cleanup(
     )
     storage = LocalStorage(tmp_path / "storage")
 
-    def run() -> tuple[Any, list[str]]:
-        enqueued: list[str] = []
-        return run_cleanup(db, storage, settings, enqueue=enqueued.append), enqueued
+    def run() -> Any:
+        return run_cleanup(db, storage, settings)
 
     return storage, settings, run
-
-
-@both_registries
-def test_cleanup_moves_stuck_validations_on_either_registry(
-    db: sessionmaker[Session], registry_url: str, tmp_path: Path
-) -> None:
-    _, settings, run = _registry_cleanup(db, registry_url, tmp_path)
-    timeout = timedelta(seconds=settings.adapter_validation_timeout_s)
-    now = datetime.now(UTC)
-    with transaction(db) as session:
-        tenant = add_tenant(session, "acme")
-        stuck = add_adapter_version(
-            session, tenant.id, "stuck", "a" * 64, "validating", now - timeout * 2
-        )
-        hopeless = add_adapter_version(
-            session,
-            tenant.id,
-            "hopeless",
-            "b" * 64,
-            "validating",
-            now - timeout * (MAX_VALIDATION_ATTEMPTS + 1),
-        )
-        fresh = add_adapter_version(session, tenant.id, "fresh", "c" * 64, "validating")
-    report, enqueued = run()
-    assert report.requeued_versions == enqueued == [stuck.id]
-    assert report.timed_out_versions == [hopeless.id]
-    with db() as session:
-        statuses = dict(session.execute(select(AdapterVersion.id, AdapterVersion.status)).all())
-        refused = session.get(AdapterVersion, hopeless.id)
-        assert refused is not None and refused.created_at.tzinfo is not None
-    assert statuses == {stuck.id: "validating", hopeless.id: "rejected", fresh.id: "validating"}
 
 
 @both_registries
@@ -241,7 +181,7 @@ def test_cleanup_expires_leases_and_removes_orphans_on_either_registry(
         lease(
             "old", orphan, now, status="completed", created_at=now - FINISHED_UPLOAD_RETENTION * 2
         )
-    report, _ = run()
+    report = run()
     assert report.expired_uploads == 1
     assert sorted(report.deleted_blobs) == sorted(orphan + lapsed)
     assert all(storage.exists(key) for key in live + leased)

@@ -63,7 +63,7 @@ def kill_mid_put(args: list[str], started: Callable[[], bool]) -> None:
 
 def cleanup(db: sessionmaker[Session], storage: Storage, tmp_path: Path, ttl_s: int) -> int:
     settings = Settings(home=tmp_path / "home", adapter_upload_ttl_s=ttl_s)
-    return run_cleanup(db, storage, settings, lambda _id: None).removed_partial_uploads
+    return run_cleanup(db, storage, settings).removed_partial_uploads
 
 
 def test_local_partial_file_is_removed_after_the_upload_ttl(
