@@ -1,10 +1,12 @@
-"""`loramux bench engine --quick` runs end to end on a tiny model and writes the contract JSON."""
+"""`loramux bench engine --quick` runs end to end on a tiny model and writes the contract JSON,
+with the chat and shared-prefix cases."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,18 +14,71 @@ from loramux.bench.common import busy_loops
 from loramux.bench.engine import main
 
 
-def test_quick_bench_writes_contract_json(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def quick_report(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One quick run for the tests that read its JSON."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = argparse.Namespace(json_path=str(out), model=str(tiny_llama_dir), quick=True)
     assert main(args) == 0
-    report = json.loads(out.read_text())
+    return dict(json.loads(out.read_text()))
+
+
+def test_quick_bench_writes_contract_json(quick_report: dict[str, Any]) -> None:
+    report = quick_report
     assert report["workload"]["num_requests"] > 0
-    assert set(report["systems"]) == {"engine", "transformers", "matmul_bound"}
+    assert set(report["systems"]) == {
+        "engine",
+        "transformers",
+        "matmul_bound",
+        "chat",
+        "shared_prefix_cache_on",
+        "shared_prefix_cache_off",
+    }
     for system in report["systems"].values():
         for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s"):
             assert system[key] > 0
-    assert set(report["ratios"]) == {"engine_vs_transformers", "engine_vs_matmul_bound"}
+    assert set(report["ratios"]) == {
+        "engine_vs_transformers",
+        "engine_vs_matmul_bound",
+        "kv_utilization_chat",
+        "prefix_cache_ttft_speedup",
+    }
     assert all(value > 0 for value in report["ratios"].values())
+
+
+def test_quick_bench_chat_case_fills_the_cache_while_requests_wait(
+    quick_report: dict[str, Any],
+) -> None:
+    report = quick_report
+    case, chat = report["cases"]["chat"], report["systems"]["chat"]
+    assert case["num_prompts"] == 8 and case["stop_at_eos"]
+    # the quick budget holds fewer tokens than the prompts and answers need: some wait
+    assert chat["kv_cache_tokens_total"] < case["num_prompts"] * case["max_tokens"]
+    stored = chat["kv_tokens_stored_max_while_waiting"]
+    assert 0 < stored <= chat["kv_cache_tokens_total"]
+    assert report["ratios"]["kv_utilization_chat"] == stored / chat["kv_cache_tokens_total"]
+    assert 0 < report["ratios"]["kv_utilization_chat"] <= 1
+    assert chat["kv_block_size"] > 0
+    assert chat["num_output_tokens"] > 0 and chat["num_preemptions"] >= 0
+    assert 1 <= chat["running_mean"] <= chat["running_max"] <= case["num_prompts"]
+
+
+def test_quick_bench_shared_prefix_hits_only_with_caching_on(
+    quick_report: dict[str, Any],
+) -> None:
+    report = quick_report
+    case = report["cases"]["shared_prefix"]
+    on = report["systems"]["shared_prefix_cache_on"]
+    off = report["systems"]["shared_prefix_cache_off"]
+    assert on["prefix_cache"] and not off["prefix_cache"]
+    assert on["num_prompt_tokens"] == off["num_prompt_tokens"]
+    assert on["num_prompt_tokens"] > case["num_requests"] * case["prefix_tokens"]
+    # request 0 computes the prefix; every later one, submitted after it, finds all of it
+    assert on["prefix_cache_hits_tokens"] >= (case["num_requests"] - 1) * case["prefix_tokens"]
+    assert on["prefix_cache_hits_tokens"] <= on["prefix_cache_queries_tokens"]
+    assert 0 < on["prefix_cache_hit_rate"] <= 1
+    assert off["prefix_cache_hits_tokens"] == 0 and off["prefix_cache_hit_rate"] == 0
+    assert report["ratios"]["prefix_cache_ttft_speedup"] == off["ttft_p50_s"] / on["ttft_p50_s"]
 
 
 def test_contended_bench_reports_both_systems_beside_busy_loops(

@@ -9,7 +9,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def format_table(systems: dict[str, SystemResult]) -> str:
-    header = f"{'system':<20} {'tokens/s':>10} {'TTFT p50 (s)':>13} {'TTFT p95 (s)':>13}"
+    width = max([20, *map(len, systems)])
+    header = f"{'system':<{width}} {'tokens/s':>10} {'TTFT p50 (s)':>13} {'TTFT p95 (s)':>13}"
     lines = [header, "-" * len(header)]
     for name, r in systems.items():
         lines.append(
-            f"{name:<20} {r.tokens_per_s:>10.1f} {r.ttft_p50_s:>13.3f} {r.ttft_p95_s:>13.3f}"
+            f"{name:<{width}} {r.tokens_per_s:>10.1f} {r.ttft_p50_s:>13.3f} {r.ttft_p95_s:>13.3f}"
         )
     return "\n".join(lines)
 
@@ -112,14 +113,15 @@ def write_report(
     path: str | None,
     workload: dict[str, Any],
     systems: dict[str, SystemResult],
-    ratios: dict[str, float],
+    ratios: Mapping[str, float | None],
     **sections: Any,
 ) -> dict[str, Any]:
-    """The contract JSON; ``sections`` are further top-level objects a benchmark adds."""
+    """The contract JSON; ``sections`` are further top-level objects a benchmark adds.
+    A ratio is None (JSON null) where its case had nothing to measure."""
     report = {
         "workload": workload,
         "systems": {name: r.as_dict() for name, r in systems.items()},
-        "ratios": ratios,
+        "ratios": dict(ratios),
         **sections,
     }
     if path:

@@ -8,6 +8,10 @@ need for the same batches, the practical limit on a CPU.
 ``--contend N`` then runs the engine and transformers again beside N one-core busy
 loops (a sidecar, a noisy neighbour): with N of C cores taken, (C - N) / C of the quiet
 throughput is what the CPU left allows.
+
+The same run also measures the engine's memory (engine_memory.py): chat answers stopping at
+EOS on a 64 MiB KV budget, and a tenant's shared 1,024-token system prompt with prefix
+caching on and off.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from loramux.bench.common import (
     format_table,
     write_report,
 )
+from loramux.bench.engine_memory import describe, run_memory_cases
 from loramux.commands.output import CommandFailed
 
 FULL = Workload(num_requests=64, min_prompt_tokens=16, max_prompt_tokens=256, output_tokens=64)
@@ -242,10 +247,14 @@ def main(args: argparse.Namespace) -> int:
     systems["transformers"] = run_transformers(
         model_dir, prompts, workload.output_tokens, HF_BATCH[workload]
     )
-    ratios = {
+    ratios: dict[str, float | None] = {
         "engine_vs_transformers": engine_result.tokens_per_s / systems["transformers"].tokens_per_s,
         "engine_vs_matmul_bound": engine_result.tokens_per_s / systems["matmul_bound"].tokens_per_s,
     }
+    gc.collect()
+    memory_systems, memory_ratios, cases = run_memory_cases(model_dir, args.quick)
+    systems |= memory_systems
+    ratios |= memory_ratios
     if contend:
         ratios |= run_contended(systems, model_dir, prompts, workload, contend)
     details = {
@@ -258,9 +267,10 @@ def main(args: argparse.Namespace) -> int:
         "busy_loops": contend,
     }
     print(format_table(systems))
+    print(describe(systems, cases))
     for name, value in ratios.items():
-        print(f"{name}: {value:.2f}")
-    write_report(args.json_path, details, systems, ratios)
+        print(f"{name}: " + ("n/a (no request waited)" if value is None else f"{value:.2f}"))
+    write_report(args.json_path, details, systems, ratios, cases=cases)
     return 0
 
 
