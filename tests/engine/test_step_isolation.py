@@ -364,3 +364,29 @@ async def test_async_engine_fails_only_the_attackers_stream(
         assert await collect("after", VICTIM_PROMPTS[0], VICTIM_PARAMS[0]) == alone[0]
     finally:
         async_engine.shutdown()
+
+
+def test_a_failed_prompt_chunk_leaves_nothing_in_the_prefix_cache(
+    make_engine: Callable[..., LLMEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocks of a chunk whose forward raised hold keys and values never written:
+    the same prompt afterwards must compute them, not find them cached."""
+    engine = make_engine(max_num_batched_tokens=64)
+    prompt = [MARK, *range(3, 90)]  # the first chunk fills four whole blocks
+    model = engine.runner.model
+    forward = model.forward
+
+    def forward_unless_marked(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if bool((input_ids == MARK).any()):
+            raise IndexError("a kernel refused this sequence's tokens")
+        return forward(input_ids, positions)
+
+    monkeypatch.setattr(model, "forward", forward_unless_marked)
+    (failed,) = engine.generate([prompt], GREEDY)
+    assert failed.finish_reason == "error"
+    monkeypatch.undo()
+    before = engine.stats().prefix_cache_hits_tokens_total
+    (again,) = engine.generate([prompt], GREEDY)
+    assert engine.stats().prefix_cache_hits_tokens_total == before
+    uncached = make_engine(max_num_batched_tokens=64, enable_prefix_caching=False)
+    assert again.new_token_ids == uncached.generate([prompt], GREEDY)[0].new_token_ids

@@ -199,8 +199,13 @@ class LLMEngine:
         )
         self.threads.before_step()
         sampled = run_isolated(self.runner.run, seqs)
+        # A sequence that failed does not advance: its blocks may hold keys and values it
+        # never finished writing, which must not reach the prefix cache. It is failed below.
+        advanced = [
+            (s, r) for s, r in zip(seqs, sampled, strict=True) if r is None or r.error is None
+        ]
         self.scheduler.postprocess(
-            seqs, [r.token_id if r is not None and r.error is None else None for r in sampled]
+            [s for s, _ in advanced], [r.token_id if r is not None else None for _, r in advanced]
         )
         num_generated = 0
         for seq, result in zip(seqs, sampled, strict=True):
