@@ -23,6 +23,7 @@ Not thread-safe: the engine's stepping thread owns it.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
@@ -78,10 +79,10 @@ class BlockManager:
 
     def _salt(self, seq: Sequence) -> bytes:
         adapter = seq.adapter
-        adapter_key = (
-            f"{adapter.namespace}\0{adapter.id}" if isinstance(adapter, AdapterRef) else ""
-        )
-        return hashlib.blake2b(f"{seq.fairness_key}\0{adapter_key}".encode()).digest()
+        parts = [seq.fairness_key]
+        if isinstance(adapter, AdapterRef):
+            parts += [adapter.namespace, adapter.id]
+        return hashlib.blake2b(json.dumps(parts).encode()).digest()  # unambiguous: quoted
 
     def take_cached_prefix(self, seq: Sequence) -> int:
         """Give a sequence holding no blocks the longest cached run of its leading blocks.
