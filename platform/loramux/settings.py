@@ -114,6 +114,30 @@ class Settings(BaseSettings):
     batch_lease_s: float = 30.0
     batch_poll_s: float = 0.5
 
+    # Ray Serve (`pip install 'loramux[ray]'`, `loramux serve --ray`). engine_backend: where
+    # the API process (and a batch worker) finds the engine: "local", in this process (a
+    # worker: the server at engine_url); "ray", the Ray Serve engine deployment. ray_address:
+    # the cluster (None: RAY_ADDRESS, or a local Ray started for `serve --ray`). Engine
+    # replicas autoscale on ongoing requests per replica between min (0: scale to zero) and
+    # max; idle for ray_engine_downscale_delay_s, one goes. Each takes up to
+    # ray_engine_max_ongoing_requests (None: engine_max_num_seqs) and holds up to
+    # engine_max_loras adapters for routing (Serve's multiplexing by adapter version id). A
+    # request finding no replica waits ray_replica_wait_s for one to start, then a 503.
+    engine_backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_app_name: str = "loramux"
+    ray_engine_min_replicas: int = Field(default=1, ge=0)
+    ray_engine_max_replicas: int = Field(default=1, ge=1)
+    ray_engine_target_ongoing_requests: float = Field(default=16.0, gt=0)
+    ray_engine_max_ongoing_requests: int | None = Field(default=None, ge=1)
+    ray_engine_upscale_delay_s: float = Field(default=5.0, ge=0)
+    ray_engine_downscale_delay_s: float = Field(default=300.0, ge=0)
+    ray_engine_num_cpus: float = Field(default=1.0, ge=0)
+    ray_engine_num_gpus: float = Field(default=0.0, ge=0)
+    ray_ingress_replicas: int = Field(default=1, ge=1)
+    ray_ingress_num_cpus: float = Field(default=0.5, ge=0)
+    ray_replica_wait_s: float = Field(default=120.0, gt=0)
+
     # The CLI's client side (`loramux adapters push`): LORAMUX_BASE_URL, LORAMUX_API_KEY.
     base_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
