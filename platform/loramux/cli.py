@@ -56,6 +56,12 @@ def _add_server_commands(commands: Group) -> None:
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
     serve.add_argument("--demo", action="store_true", help="print fresh admin and demo keys")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve (RAY_ADDRESS, or a local Ray): the API and autoscaled engine "
+        "replicas (needs pip install 'loramux[ray]')",
+    )
     serve.set_defaults(handler=_lazy("loramux.commands.serve:main"))
 
     db = _group(commands, "db", "the registry's schema")

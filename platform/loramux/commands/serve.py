@@ -22,10 +22,10 @@ from loramux.db.migrate import upgrade
 from loramux.db.models import ApiKey, Tenant
 from loramux.db.session import make_engine, make_session_factory, transaction
 from loramux.drain import Drain
-from loramux.engine_client import engine_client_from_settings
+from loramux.engine_client import EngineClient, engine_client_from_settings
 from loramux.jobs.embedded import EmbeddedWorker
 from loramux.settings import Settings, get_settings
-from loramux.storage import storage_from_settings
+from loramux.storage import Storage, storage_from_settings
 from loramux_engine.errors import EngineConfigError, ModelLoadError
 
 DEMO_TENANT = "demo"
@@ -72,6 +72,18 @@ def bootstrap_demo(settings: Settings) -> tuple[str, str]:
     return admin_secret, tenant_secret
 
 
+def _engine_client(settings: Settings, storage: Storage) -> EngineClient:
+    if settings.engine_backend == "ray":  # the engine deployment of a running Serve app
+        try:
+            from loramux.ray_engine import connect
+        except ImportError as error:
+            raise ImportError(
+                f"{error}; the ray backend needs pip install 'loramux[ray]'"
+            ) from error
+        return connect(settings)
+    return engine_client_from_settings(settings, storage)
+
+
 def main(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
@@ -93,10 +105,14 @@ def main(args: argparse.Namespace) -> int:
             f"http://{settings.host}:{settings.port}/v1/models",
             flush=True,
         )
+    if args.ray:
+        from loramux.commands.serve_ray import serve_on_ray
+
+        return serve_on_ray(settings)
     storage = storage_from_settings(settings)
     try:
-        engine = engine_client_from_settings(settings, storage)
-    except (ModelError, EngineConfigError, ModelLoadError) as error:
+        engine = _engine_client(settings, storage)
+    except (ModelError, EngineConfigError, ModelLoadError, ImportError) as error:
         print(f"error: cannot start the engine: {error}", file=sys.stderr)
         return 1
     app_state = build_state(settings, storage=storage, engine=engine)

@@ -1,0 +1,382 @@
+"""loramux on Ray Serve, on a local Ray this module starts once (2 CPUs, small object store).
+
+One application (the ingress and two engine replicas on the tiny LLaMA) serves every test
+but the scale-from-zero ones, which deploy an engine of their own with no replica at rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from loramux import tenancy  # noqa: E402
+from loramux.db.migrate import upgrade  # noqa: E402
+from loramux.db.session import transaction  # noqa: E402
+from loramux.engine_client import (  # noqa: E402
+    InProcessEngineClient,
+    engine_config_from_settings,
+)
+from loramux.errors import ServiceUnavailable  # noqa: E402
+from loramux.ray_engine import RayEngineClient  # noqa: E402
+from loramux.ray_serve.app import build_app  # noqa: E402
+from loramux.ray_serve.config import (  # noqa: E402
+    ENGINE_DEPLOYMENT,
+    engine_options,
+    settings_payload,
+)
+from loramux.ray_serve.engine import EngineDeployment  # noqa: E402
+from loramux.settings import Settings  # noqa: E402
+from loramux.storage import LocalStorage, adapter_key  # noqa: E402
+from loramux_engine.engine.async_engine import AsyncLLMEngine  # noqa: E402
+from loramux_engine.errors import PromptTooLongError  # noqa: E402
+from loramux_engine.lora.errors import AdapterLoadError  # noqa: E402
+from loramux_engine.lora.ref import AdapterRef, adapter_sha256  # noqa: E402
+from loramux_engine.outputs import RequestOutput  # noqa: E402
+from loramux_engine.sampling_params import SamplingParams  # noqa: E402
+from tests.platform.conftest import ADMIN_KEY  # noqa: E402
+
+APP = "loramux-test"
+NUM_ADAPTERS = 4
+MISSING_SHA = "0" * 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[int]:
+    """A local Ray and Serve, its HTTP proxy on a free port; the port."""
+    port = _free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 << 20,
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_settings(
+    pg_database: str, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    home = tmp_path_factory.mktemp("ray-home")
+    upgrade(pg_database)
+    return Settings(
+        home=home,
+        database_url=pg_database,
+        storage_url=(home / "storage").as_uri(),
+        admin_key=ADMIN_KEY,
+        model=str(tiny_llama_dir),
+        device="cpu",
+        engine_max_model_len=256,
+        engine_kv_cache_bytes=8 << 20,
+        engine_max_num_seqs=16,
+        engine_num_threads=1,
+        engine_max_loras=NUM_ADAPTERS,
+        ray_app_name=APP,
+        ray_engine_min_replicas=2,
+        ray_engine_max_replicas=2,
+        ray_engine_num_cpus=0,
+        ray_ingress_num_cpus=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_session: int, ray_settings: Settings) -> Iterator[RayEngineClient]:
+    """The whole application: the ingress at / and two engine replicas; an engine client."""
+    serve.run(build_app(ray_settings), name=APP, route_prefix="/")
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP)
+    yield RayEngineClient.from_settings(ray_settings, handle)
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def local_engine(ray_settings: Settings) -> Iterator[InProcessEngineClient]:
+    storage = LocalStorage(ray_settings.home / "storage")
+    config = engine_config_from_settings(
+        ray_settings.model_copy(update={"adapter_cache_dir": ray_settings.home / "local-cache"}),
+        storage,
+    )
+    engine = InProcessEngineClient(AsyncLLMEngine.from_config(config))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def _save_peft_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        get_peft_model(model, config).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(
+    ray_settings: Settings, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[AdapterRef]:
+    """Adapters in the storage the replicas fetch from, as the registry would name them."""
+    storage = LocalStorage(ray_settings.home / "storage")
+    refs = []
+    for seed in range(NUM_ADAPTERS):
+        out = _save_peft_adapter(tiny_llama_dir, tmp_path_factory.mktemp("adapter"), seed)
+        config = (out / "adapter_config.json").read_bytes()
+        weights = (out / "adapter_model.safetensors").read_bytes()
+        sha = adapter_sha256(config, weights)
+        storage.put(adapter_key(sha, "adapter_config.json"), config)
+        storage.put(adapter_key(sha, "adapter_model.safetensors"), weights)
+        refs.append(AdapterRef(f"av_{seed}", sha, "tenant-a"))
+    return refs
+
+
+async def _run(
+    engine: Any,
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int,
+    adapter: AdapterRef | None = None,
+) -> list[RequestOutput]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [
+        out
+        async for out in engine.generate(
+            request_id, prompt, params, fairness_key="tenant-a", adapter=adapter
+        )
+    ]
+
+
+def _tokens(outputs: list[RequestOutput]) -> list[int]:
+    return [t for out in outputs for t in out.new_token_ids]
+
+
+PROMPT = list(range(10, 40))
+
+
+async def test_stream_equals_the_local_engine(
+    deployed: RayEngineClient, local_engine: InProcessEngineClient, adapters: list[AdapterRef]
+) -> None:
+    for adapter in (None, adapters[0]):
+        remote = await _run(deployed, "eq-remote", PROMPT, 24, adapter)
+        local = await _run(local_engine, "eq-local", PROMPT, 24, adapter)
+        assert len(remote) > 1  # streamed, one output per step
+        assert _tokens(remote) == _tokens(local)
+        assert "".join(o.text for o in remote) == "".join(o.text for o in local)
+        assert remote[-1].finish_reason == local[-1].finish_reason == "length"
+    base, adapted = _tokens(await _run(deployed, "b", PROMPT, 24)), _tokens(remote)
+    assert base != adapted  # the adapter was applied
+    assert deployed.max_model_len == local_engine.max_model_len
+
+
+async def test_adapter_requests_go_to_the_replica_holding_the_adapter(
+    deployed: RayEngineClient, adapters: list[AdapterRef]
+) -> None:
+    """Each adapter is loaded by one replica only: Serve routes by its version id.
+
+    The same requests without the id (Serve's plain routing), for adapters the replicas
+    have not seen (another namespace: other cache keys), load them on both replicas. Each
+    replica's stats come back with every request it serves, so the sums are current.
+    """
+    for round_ in range(6):
+        for i, adapter in enumerate(adapters):
+            await _run(deployed, f"route-{round_}-{i}", PROMPT, 2, adapter)
+    assert len(deployed.replica_stats()) == 2  # both replicas took requests
+    # One cold load per adapter; one more at most, should a request overtake the news of
+    # where its adapter went (Serve learns a replica's adapters within a tenth of a second).
+    routed = _device_loads(deployed)
+    assert NUM_ADAPTERS <= routed <= NUM_ADAPTERS + 1
+
+    unrouted = [AdapterRef(f"nx_{a.id}", a.sha256, "tenant-b") for a in adapters]
+    for round_ in range(6):
+        for i, adapter in enumerate(unrouted):
+            await _run(_Unrouted(deployed), f"unrouted-{round_}-{i}", PROMPT, 2, adapter)
+    assert _device_loads(deployed) - routed > NUM_ADAPTERS + 1
+
+
+@dataclass
+class _Unrouted:
+    """A client calling the engine deployment with no multiplexed model id."""
+
+    client: RayEngineClient
+
+    async def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self.client.handle, handle = _NoModelId(self.client.handle), self.client.handle
+        try:
+            async for out in self.client.generate(*args, **kwargs):
+                yield out
+        finally:
+            self.client.handle = handle
+
+
+@dataclass
+class _NoModelId:
+    handle: Any
+
+    def options(self, **options: Any) -> Any:
+        options.pop("multiplexed_model_id", None)
+        return self.handle.options(**options)
+
+
+def _device_loads(client: RayEngineClient) -> float:
+    return sum(
+        s.extra.get("adapter_cache_device_loads", 0.0) for s in client.replica_stats().values()
+    )
+
+
+async def test_leaving_a_stream_aborts_the_request_in_the_replica(
+    deployed: RayEngineClient, adapters: list[AdapterRef]
+) -> None:
+    adapter = adapters[1]  # so the stats call below reaches the same replica
+    replica = deployed.handle.options(multiplexed_model_id=adapter.id)
+    before = (await replica.replica_stats.remote()).stats.num_generation_tokens_total
+    max_tokens = 200
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    stream = deployed.generate("leave", PROMPT, params, fairness_key="tenant-a", adapter=adapter)
+    assert len((await anext(stream)).new_token_ids) == 1
+    await anext(stream)
+    await stream.aclose()
+    for _ in range(200):
+        state = await replica.replica_stats.remote()
+        if state.stats.num_running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert state.stats.num_running == 0
+    # Had it gone on, the replica would have generated all max_tokens.
+    assert state.stats.num_generation_tokens_total - before < max_tokens
+
+
+@dataclass
+class _Raised:
+    type: type[BaseException]
+    message: str
+
+
+async def _raised(engine: Any, prompt: list[int], adapter: AdapterRef | None) -> _Raised:
+    with pytest.raises(Exception) as caught:
+        await _run(engine, "err", prompt, 4, adapter)
+    return _Raised(type(caught.value), str(caught.value))
+
+
+async def test_engine_errors_are_the_local_clients_errors(
+    deployed: RayEngineClient, local_engine: InProcessEngineClient
+) -> None:
+    """The same exception types and messages, so the API maps them to the same errors."""
+    missing = AdapterRef("av_missing", MISSING_SHA, "tenant-a")
+    cases = [(PROMPT, missing, AdapterLoadError), (list(range(300)), None, PromptTooLongError)]
+    for prompt, adapter, kind in cases:
+        remote = await _raised(deployed, prompt, adapter)
+        local = await _raised(local_engine, prompt, adapter)
+        assert remote.type is local.type is kind
+        assert remote.message == local.message
+
+
+@pytest.fixture
+def tenant_key(deployed: RayEngineClient, db: sessionmaker[Session]) -> str:
+    """A tenant's key in the registry the ingress uses (emptied after the test)."""
+    with transaction(db) as session:
+        tenant = tenancy.create_tenant(session, "ray-tenant", {}, actor="test")
+        _, secret = tenancy.create_key(session, tenant, name="k", scopes=None, actor="test")
+    return secret
+
+
+def test_the_api_on_ray_serve_answers_the_openai_sdk(
+    ray_session: int, deployed: RayEngineClient, tenant_key: str, ray_settings: Settings
+) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(
+        base_url=f"http://127.0.0.1:{ray_session}/v1", api_key=tenant_key, max_retries=0
+    )
+    model = Path(ray_settings.model).name
+    completion = client.completions.create(model=model, prompt="hello", max_tokens=6, temperature=0)
+    assert completion.usage is not None and completion.usage.completion_tokens == 6
+    chunks = list(
+        client.completions.create(
+            model=model, prompt="hello", max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == completion.choices[0].text
+    unknown = client.with_options(max_retries=0)
+    with pytest.raises(Exception) as caught:
+        unknown.completions.create(model="no-such-adapter", prompt="hello", max_tokens=2)
+    assert getattr(caught.value, "status_code", None) == 404
+
+
+@pytest.fixture
+def zero_engine(ray_session: int, ray_settings: Settings) -> Iterator[RayEngineClient]:
+    """An engine deployment that scales to zero after one idle second, none at rest."""
+    settings = ray_settings.model_copy(
+        update={
+            "ray_app_name": f"{APP}-zero",
+            "ray_engine_min_replicas": 0,
+            "ray_engine_max_replicas": 1,
+            "ray_engine_upscale_delay_s": 0.0,
+            "ray_engine_downscale_delay_s": 1.0,
+        }
+    )
+    options = engine_options(settings)
+    # Serve averages ongoing requests over 30 s before it decides; a shorter window here.
+    options["autoscaling_config"]["look_back_period_s"] = 1.0
+    app = EngineDeployment.options(**options).bind(settings_payload(settings))
+    handle = serve.run(app, name=settings.ray_app_name, route_prefix=None)
+    yield RayEngineClient.from_settings(settings, handle)
+    serve.delete(settings.ray_app_name)
+
+
+def _num_replicas(app: str) -> int:
+    status = serve.status().applications[app].deployments[ENGINE_DEPLOYMENT]
+    return sum(status.replica_states.values())
+
+
+async def test_scale_from_zero_waits_for_a_replica_then_back_to_zero(
+    zero_engine: RayEngineClient,
+) -> None:
+    app = f"{APP}-zero"
+    assert _num_replicas(app) == 0
+    zero_engine.replica_wait_s = 0.2  # shorter than any replica's start: a clean 503
+    with pytest.raises(ServiceUnavailable) as caught:
+        await _run(zero_engine, "cold-503", PROMPT, 2)
+    assert caught.value.headers["Retry-After"]
+    assert caught.value.code == "engine_unavailable"
+
+    zero_engine.replica_wait_s = 120.0
+    started = time.monotonic()
+    outputs = await _run(zero_engine, "cold", PROMPT, 2)
+    cold_start_s = time.monotonic() - started
+    assert _tokens(outputs) and outputs[-1].finish_reason == "length"
+    print(f"\ncold start from zero replicas to the last token: {cold_start_s:.1f} s")
+    for _ in range(300):
+        if _num_replicas(app) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert _num_replicas(app) == 0
