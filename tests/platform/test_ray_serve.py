@@ -37,6 +37,7 @@ from loramux.ray_serve.config import (  # noqa: E402
     settings_payload,
 )
 from loramux.ray_serve.engine import EngineDeployment  # noqa: E402
+from loramux.remote_engine import RemoteEngineClient  # noqa: E402
 from loramux.settings import Settings  # noqa: E402
 from loramux.storage import LocalStorage, adapter_key  # noqa: E402
 from loramux_engine.engine.async_engine import AsyncLLMEngine  # noqa: E402
@@ -332,6 +333,16 @@ def test_the_api_on_ray_serve_answers_the_openai_sdk(
     assert getattr(caught.value, "status_code", None) == 404
 
 
+async def test_batch_workers_reach_the_ray_engine_through_the_ingress(
+    ray_session: int, deployed: RayEngineClient, tiny_llama_dir: Path
+) -> None:
+    """A Celery worker's RemoteEngineClient calls the ingress, whose engine is on Ray."""
+    remote = RemoteEngineClient(f"http://127.0.0.1:{ray_session}", ADMIN_KEY, tiny_llama_dir)
+    assert remote.max_model_len == deployed.max_model_len
+    outputs = await _run(remote, "worker-line", PROMPT, 8)
+    assert _tokens(outputs) == _tokens(await _run(deployed, "direct", PROMPT, 8))
+
+
 @pytest.fixture
 def zero_engine(ray_session: int, ray_settings: Settings) -> Iterator[RayEngineClient]:
     """An engine deployment that scales to zero after one idle second, none at rest."""
@@ -346,7 +357,7 @@ def zero_engine(ray_session: int, ray_settings: Settings) -> Iterator[RayEngineC
     )
     options = engine_options(settings)
     # Serve averages ongoing requests over 30 s before it decides; a shorter window here.
-    options["autoscaling_config"]["look_back_period_s"] = 1.0
+    options["autoscaling_config"].update(look_back_period_s=1.0, metrics_interval_s=0.5)
     app = EngineDeployment.options(**options).bind(settings_payload(settings))
     handle = serve.run(app, name=settings.ray_app_name, route_prefix=None)
     yield RayEngineClient.from_settings(settings, handle)
@@ -380,3 +391,28 @@ async def test_scale_from_zero_waits_for_a_replica_then_back_to_zero(
             break
         await asyncio.sleep(0.1)
     assert _num_replicas(app) == 0
+
+
+async def test_a_replica_killed_mid_stream_fails_that_stream_cleanly(
+    deployed: RayEngineClient, adapters: list[AdapterRef]
+) -> None:
+    """In-band for that stream, and only that one: the next request finds a live replica.
+
+    220 tokens take the tiny model over a second; the error arrives within milliseconds.
+    """
+    params = SamplingParams(max_tokens=220, temperature=0.0, ignore_eos=True)
+    stream = deployed.generate(
+        "doomed", PROMPT, params, fairness_key="tenant-a", adapter=adapters[3]
+    )
+    await anext(stream)
+    # The replica that took it is the one heard from last (one request at a time here).
+    victim = max(deployed._replicas, key=lambda r: deployed._replicas[r][0])
+    name = f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#{victim}"
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    with pytest.raises(ServiceUnavailable) as caught:
+        async for _ in stream:
+            pass
+    assert caught.value.code == "engine_unavailable"
+    assert "SERVE_REPLICA" not in caught.value.message
+    outputs = await _run(deployed, "after", PROMPT, 4, adapters[3])
+    assert len(_tokens(outputs)) == 4

@@ -1,0 +1,136 @@
+"""Ray Serve without a cluster: the wire's errors, settings into deployment options, and the
+Serve config and KubeRay manifest in infra/ against Serve's own schema and our settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+yaml = pytest.importorskip("yaml")
+
+from ray.serve import Application  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from loramux.ray_engine import sum_stats  # noqa: E402
+from loramux.ray_serve.app import app_builder  # noqa: E402
+from loramux.ray_serve.config import engine_options, settings_payload  # noqa: E402
+from loramux.ray_serve.wire import RayEngineError, decode_error, encode_error  # noqa: E402
+from loramux.settings import Settings  # noqa: E402
+from loramux_engine.errors import (  # noqa: E402
+    AdapterRequestError,
+    InvalidSamplingParamsError,
+    NonFiniteLogitsError,
+    PromptTooLongError,
+    SequenceFailedError,
+)
+from loramux_engine.lora.errors import AdapterLoadError  # noqa: E402
+from loramux_engine.outputs import EngineStats  # noqa: E402
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AdapterLoadError("av_1", FileNotFoundError("no such blob")),
+        PromptTooLongError(300, 256),
+        NonFiniteLogitsError("logits were not finite"),
+        SequenceFailedError.caused_by(ZeroDivisionError(), "sample"),
+        InvalidSamplingParamsError("top_p must be in (0, 1]"),
+        AdapterRequestError("no adapter source"),
+        ValueError("request_id 'x' is already streaming"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_engine_errors_cross_the_wire_as_themselves(error: Exception) -> None:
+    again = decode_error(encode_error(error))
+    assert type(again) is type(error)
+    assert str(again) == str(error)
+    if isinstance(error, AdapterLoadError):
+        assert isinstance(again, AdapterLoadError) and again.adapter_id == "av_1"
+
+
+def test_other_errors_are_the_engines() -> None:
+    again = decode_error(encode_error(RuntimeError("engine shut down")))
+    assert type(again) is RayEngineError and str(again) == "engine shut down"
+
+
+def test_replica_stats_sum() -> None:
+    a = EngineStats(num_running=2, kv_blocks_total=100, kv_blocks_used=50, kv_block_size=16)
+    b = EngineStats(num_running=1, kv_blocks_total=100, kv_blocks_used=0, kv_block_size=16)
+    a.extra["adapter_cache_device_loads"] = 3.0
+    total = sum_stats([a, b])
+    assert (total.num_running, total.kv_blocks_total, total.kv_block_size) == (3, 200, 16)
+    assert total.kv_cache_usage == 0.25
+    assert total.extra == {"adapter_cache_device_loads": 3.0}
+
+
+def test_engine_options_follow_settings() -> None:
+    settings = Settings(
+        ray_engine_min_replicas=0,
+        ray_engine_max_replicas=3,
+        ray_engine_target_ongoing_requests=8,
+        ray_engine_num_gpus=1,
+        engine_max_num_seqs=32,
+    )
+    options = engine_options(settings)
+    assert options["autoscaling_config"]["min_replicas"] == 0
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 8
+    assert options["max_ongoing_requests"] == 32
+    assert options["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_replicas_get_the_settings_given_here_and_their_own_env_for_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [n for n in os.environ if n.startswith("LORAMUX_")]:
+        monkeypatch.delenv(name)
+    payload = settings_payload(Settings(port=9000, ray_engine_min_replicas=0))
+    assert payload == {"port": 9000, "ray_engine_min_replicas": 0}
+
+
+def _serve_config(text: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(text)
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def _check_application(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    [application] = config["applications"]
+    assert application["import_path"] == "loramux.ray_serve.app:app_builder"
+    env = application["runtime_env"]["env_vars"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()  # each one parses as a setting
+    assert isinstance(app_builder({}), Application)
+    return engine_options(settings)
+
+
+def test_the_serve_config_builds_the_application(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _serve_config((INFRA / "serve-config.yaml").read_text())
+    options = _check_application(config, monkeypatch)
+    assert options["autoscaling_config"]["min_replicas"] == 0  # scale to zero
+
+
+def test_the_rayservice_runs_the_same_application(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = list(yaml.safe_load_all((INFRA / "rayservice.yaml").read_text()))
+    by_kind = {doc["kind"]: doc for doc in docs}
+    service = by_kind["RayService"]["spec"]
+    assert service["rayClusterConfig"]["rayVersion"] == ray.__version__
+    options = _check_application(_serve_config(service["serveConfigV2"]), monkeypatch)
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    # PostgreSQL, Redis and S3 as in compose, for every pod, from the Secret.
+    secret = by_kind["Secret"]["stringData"]
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    compose_env = set(compose["services"]["loramux"]["environment"])
+    assert compose_env - {"LORAMUX_ENGINE_URL"} <= set(secret)
+    cluster = service["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in [*pods, by_kind["Job"]["spec"]]:
+        [container] = pod["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": "loramux-settings"}}]
