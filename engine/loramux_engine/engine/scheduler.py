@@ -14,6 +14,7 @@ one asking. Its blocks are freed (full ones stay in the prefix cache) and it wai
 again with every token it has, to be recomputed as a prompt when readmitted; it keeps
 its arrival, so it is readmitted ahead of newer requests, and its generator and
 emitted tokens are untouched, so its output is as if it had never been preempted.
+No one is admitted in a step that preempted: that would only preempt again the next.
 
 No head-of-line blocking: a waiting sequence whose chunk does not fit is passed over
 and smaller ones are admitted. No starvation: a waiting sequence past which
@@ -182,6 +183,7 @@ class Scheduler:
     def schedule(self) -> list[Sequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
+        preemptions_before = self.num_preemptions
         # Decode first so long prompts never stall running sequences; within each, the
         # sequences preempted last go first, so that a preemption rarely undoes work
         # already scheduled in this step.
@@ -198,6 +200,8 @@ class Scheduler:
                 running.num_scheduled_tokens = granted
                 scheduled.append(running)
         budget = self.max_num_batched_tokens - sum(s.num_scheduled_tokens for s in scheduled)
+        if self.num_preemptions > preemptions_before:
+            budget = 0  # memory is short: admitting now would only preempt again next step
         # admit
         skipped: set[Sequence] = set()
         charged: Counter[str] = Counter()
