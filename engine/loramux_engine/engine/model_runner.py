@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.kernels import decode_attention
+from loramux_engine.layers.attention import attention_backend
 from loramux_engine.layers.linear import Linear, onednn_available
 from loramux_engine.layers.sampler import SampledToken, sample
 from loramux_engine.lora.ops import LoRABatch
@@ -14,6 +17,8 @@ from loramux_engine.models.config import ModelArgs
 from loramux_engine.utils.allocator import keep_large_blocks
 from loramux_engine.utils.context import AttentionSegment, Context, reset_context, set_context
 from loramux_engine.utils.loader import load_model
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -59,12 +64,20 @@ class ModelRunner:
             and decode_attention.supports(args.num_heads, args.num_kv_heads, args.head_dim)
         ):
             kernel = decode_attention.load()
-        self.cpu_kernel = kernel is not None
+        self.attention_backend = attention_backend(device.type, kernel is not None)
+        self.cpu_kernel = self.attention_backend == "cpu_kernel"
+        triton_kernel = None
+        if self.attention_backend == "triton":
+            from loramux_engine.kernels import triton_attention
+
+            triton_kernel = triton_attention.paged_attention
+        logger.info("attention backend: %s (%s, %s)", self.attention_backend, device, dtype)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
             attn.block_size = block_size
             attn.decode_kernel = kernel
+            attn.triton_kernel = triton_kernel
 
     def attach_lora(self, pool: LoRASlotPool) -> None:
         """Point every adaptable projection at its stack in the pool (done once, at build)."""
@@ -104,7 +117,7 @@ class ModelRunner:
             slot_ids.extend([seq.adapter_slot] * n)
             if end == len(seq):
                 sample_rows.append(offset + n - 1)
-            if self.cpu_kernel:  # each token attends to its own prefix of the sequence
+            if self.attention_backend != "sdpa":  # each token attends to its own prefix
                 token_table_starts.extend([len(block_ids)] * n)
                 block_ids.extend(table)
                 token_kv_lens.extend(range(start + 1, end + 1))
@@ -114,9 +127,9 @@ class ModelRunner:
             Context(
                 cache_positions=self._tensor(cache_positions),
                 segments=segments,
-                block_ids=torch.tensor(block_ids, dtype=torch.long),
-                token_table_starts=torch.tensor(token_table_starts, dtype=torch.long),
-                token_kv_lens=torch.tensor(token_kv_lens, dtype=torch.long),
+                block_ids=self._tensor(block_ids),
+                token_table_starts=self._tensor(token_table_starts),
+                token_kv_lens=self._tensor(token_kv_lens),
                 lora_batch=(
                     LoRABatch.build(slot_ids, self.device, dtype=self.dtype)
                     if any(slot_ids)

@@ -5,19 +5,36 @@ rows its block table names. New keys/values are written by row first, then every
 sequence attends over its own rows: on a CPU in fp32 every token in one call of the C
 kernel, which follows the block tables itself (a prompt token is a query over its own
 prefix; measured at a quarter of the time of per-prompt SDPA on 2,048-token prefill
-steps), else through SDPA over the sequence's rows gathered by index.
+steps); on CUDA every token in one launch of the Triton kernel
+(kernels/triton_attention.py, same semantics), when triton is installed; else through
+SDPA over each sequence's rows gathered by index.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loramux_engine.kernels.decode_attention import decode_attention
+from loramux_engine.kernels.triton_support import use_triton
 from loramux_engine.utils.context import AttentionSegment, get_context
+
+Backend = Literal["cpu_kernel", "triton", "sdpa"]
+
+
+def attention_backend(device_type: str, cpu_kernel_loaded: bool) -> Backend:
+    """The CPU kernel on a CPU when it loaded for this shape and dtype, Triton on CUDA when
+    triton is installed, else SDPA. The first two read the per-token block tables."""
+    if device_type == "cpu" and cpu_kernel_loaded:
+        return "cpu_kernel"
+    if use_triton(device_type):
+        return "triton"
+    return "sdpa"
 
 
 class Attention(nn.Module):
@@ -33,6 +50,8 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
         self.block_size = 0
         self.decode_kernel: ctypes.CDLL | None = None  # bound by the runner on CPU, fp32
+        # triton_attention.paged_attention, bound by the runner on CUDA
+        self.triton_kernel: Callable[..., None] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]
@@ -43,6 +62,12 @@ class Attention(nn.Module):
         if self.decode_kernel is not None:  # every token, prompt or decode, in one call
             decode_attention(
                 self.decode_kernel, q.contiguous(), self.k_cache, self.v_cache,
+                context.block_ids, context.token_table_starts, context.token_kv_lens,
+                self.block_size, self.scale, out,
+            )  # fmt: skip
+        elif self.triton_kernel is not None:  # the same, on CUDA, in one launch
+            self.triton_kernel(
+                q, self.k_cache, self.v_cache,
                 context.block_ids, context.token_table_starts, context.token_kv_lens,
                 self.block_size, self.scale, out,
             )  # fmt: skip

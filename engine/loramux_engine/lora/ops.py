@@ -26,6 +26,8 @@ Three kernels with the same semantics:
   then an index_add back into y. A fixed handful of ops whatever the number of adapters.
 - bgmv: gather A[s] and B[s] per token, then two batched matmuls; it copies rank x
   (in + out) weights per token.
+- triton (CUDA): kernels/triton_lora.py, one shrink and one expand launch per projection
+  over the runs cut into tiles; "auto" takes it on CUDA whenever triton is installed.
 - runs (CPU, fp32): kernels/lora_runs.c, runs cut into pieces of up to 64 tokens, each
   reading its slot's A and B rows once for all its tokens (blocks of 4 tokens x 4 ranks
   in registers); no padding, no gather, one call per projection, on torch's threads.
@@ -56,8 +58,9 @@ from typing import Literal
 import torch
 
 from loramux_engine.kernels import lora_runs
+from loramux_engine.kernels.triton_support import use_triton
 
-Kernel = Literal["auto", "sgmv", "bmm", "bgmv", "runs"]
+Kernel = Literal["auto", "sgmv", "bmm", "bgmv", "runs", "triton"]
 BMM_MIN_SEGMENTS = 3
 SGMV_MIN_TOKENS = 32
 
@@ -152,6 +155,7 @@ class LoRABatch:
     # when "auto" chose bmm for the short ones.
     sgmv_segments: tuple[tuple[int, int, int], ...] = ()
     runs: torch.Tensor | None = None  # [num_runs, 3] (slot, start, end) for "runs", on CPU
+    tiles: torch.Tensor | None = None  # [num_tiles, 3] int32 for "triton", on the device
 
     @property
     def empty(self) -> bool:
@@ -180,6 +184,11 @@ class LoRABatch:
             kernel, sgmv_segments = _choose(segments, device, dtype)
         if kernel == "runs":
             runs = _runs_tensor(segments)
+        tiles = None
+        if kernel == "triton":
+            from loramux_engine.kernels import triton_lora
+
+            tiles = triton_lora.tiles(segments, device)
         if kernel == "bmm" and segments:
             bmm_ids = list(slot_ids)
             for _, start, end in sgmv_segments:
@@ -193,6 +202,7 @@ class LoRABatch:
             groups=groups,
             sgmv_segments=sgmv_segments,
             runs=runs,
+            tiles=tiles,
         )
 
 
@@ -200,8 +210,11 @@ def _choose(
     segments: list[tuple[int, int, int]], device: torch.device | str, dtype: torch.dtype
 ) -> tuple[Kernel, tuple[tuple[int, int, int], ...]]:
     """The "auto" rule of the module docstring: (kernel for the short runs, sgmv's runs)."""
-    if torch.device(device).type == "cpu" and dtype == torch.float32 and lora_runs.load():
+    device_type = torch.device(device).type
+    if device_type == "cpu" and dtype == torch.float32 and lora_runs.load():
         return "runs", ()
+    if use_triton(device_type):
+        return "triton", ()
     long = tuple(seg for seg in segments if seg[2] - seg[1] >= SGMV_MIN_TOKENS)
     short = [seg for seg in segments if seg[2] - seg[1] < SGMV_MIN_TOKENS]
     if not short:
@@ -239,6 +252,12 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatc
         bmm(y, x, stack, batch)
     elif batch.kernel == "bgmv":
         bgmv(y, x, stack, batch)
+    elif batch.kernel == "triton":
+        from loramux_engine.kernels import triton_lora
+
+        assert batch.tiles is not None
+        rank = max(stack.ranks[slot] for slot in batch.slots)
+        triton_lora.add_lora(y, x, stack.a, stack.b_t, stack.scale, batch.tiles, rank)
 
 
 def sgmv(
