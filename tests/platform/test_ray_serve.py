@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,7 +78,10 @@ def ray_session() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def ray_settings(
-    pg_database: str, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    pg_database: str,
+    redis_url: str,
+    tiny_llama_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Settings:
     home = tmp_path_factory.mktemp("ray-home")
     upgrade(pg_database)
@@ -85,6 +89,7 @@ def ray_settings(
         home=home,
         database_url=pg_database,
         storage_url=(home / "storage").as_uri(),
+        redis_url=redis_url,
         admin_key=ADMIN_KEY,
         model=str(tiny_llama_dir),
         device="cpu",
@@ -97,13 +102,14 @@ def ray_settings(
         ray_engine_min_replicas=2,
         ray_engine_max_replicas=2,
         ray_engine_num_cpus=0,
+        ray_ingress_replicas=2,
         ray_ingress_num_cpus=0,
     )
 
 
 @pytest.fixture(scope="module")
 def deployed(ray_session: int, ray_settings: Settings) -> Iterator[RayEngineClient]:
-    """The whole application: the ingress at / and two engine replicas; an engine client."""
+    """The whole application: two ingress replicas at /, two engine replicas; a client."""
     serve.run(build_app(ray_settings), name=APP, route_prefix="/")
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP)
     yield RayEngineClient.from_settings(ray_settings, handle)
@@ -301,13 +307,36 @@ async def test_engine_errors_are_the_local_clients_errors(
         assert remote.message == local.message
 
 
+def _tenant_key(sessions: sessionmaker[Session], name: str, **quotas: Any) -> str:
+    with transaction(sessions) as session:
+        tenant = tenancy.create_tenant(session, name, quotas, actor="test")
+        _, secret = tenancy.create_key(session, tenant, name="k", scopes=None, actor="test")
+    return secret
+
+
 @pytest.fixture
 def tenant_key(deployed: RayEngineClient, db: sessionmaker[Session]) -> str:
     """A tenant's key in the registry the ingress uses (emptied after the test)."""
-    with transaction(db) as session:
-        tenant = tenancy.create_tenant(session, "ray-tenant", {}, actor="test")
-        _, secret = tenancy.create_key(session, tenant, name="k", scopes=None, actor="test")
-    return secret
+    return _tenant_key(db, "ray-tenant")
+
+
+def test_rate_limits_are_exact_across_ingress_replicas(
+    ray_session: int, deployed: RayEngineClient, db: sessionmaker[Session], ray_settings: Settings
+) -> None:
+    """Two ingress replicas count one tenant's requests together, in Redis."""
+    key = _tenant_key(db, "ray-limited", requests_per_minute=5)
+    body = {"model": Path(ray_settings.model).name, "prompt": "hi", "max_tokens": 1}
+    statuses = []
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{ray_session}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as client:
+        for _ in range(12):
+            statuses.append(client.post("/v1/completions", json=body).status_code)
+    # Counted by each replica on its own, both would admit up to 5 (the proxy spreads them).
+    assert statuses.count(200) == 5
+    assert statuses.count(429) == 7
 
 
 def test_the_api_on_ray_serve_answers_the_openai_sdk(
