@@ -48,6 +48,7 @@ from loramux_engine.lora.ref import AdapterRef, adapter_sha256  # noqa: E402
 from loramux_engine.outputs import RequestOutput  # noqa: E402
 from loramux_engine.sampling_params import SamplingParams  # noqa: E402
 from tests.platform.conftest import ADMIN_KEY  # noqa: E402
+from tests.platform.registry_rows import add_adapter_version  # noqa: E402
 
 APP = "loramux-test"
 NUM_ADAPTERS = 4
@@ -307,24 +308,24 @@ async def test_engine_errors_are_the_local_clients_errors(
         assert remote.message == local.message
 
 
-def _tenant_key(sessions: sessionmaker[Session], name: str, **quotas: Any) -> str:
+def _tenant(sessions: sessionmaker[Session], name: str, **quotas: Any) -> tuple[str, str]:
+    """A tenant's id and a key for it, in the registry the ingress uses."""
     with transaction(sessions) as session:
         tenant = tenancy.create_tenant(session, name, quotas, actor="test")
         _, secret = tenancy.create_key(session, tenant, name="k", scopes=None, actor="test")
-    return secret
+        return tenant.id, secret
 
 
 @pytest.fixture
 def tenant_key(deployed: RayEngineClient, db: sessionmaker[Session]) -> str:
-    """A tenant's key in the registry the ingress uses (emptied after the test)."""
-    return _tenant_key(db, "ray-tenant")
+    return _tenant(db, "ray-tenant")[1]
 
 
 def test_rate_limits_are_exact_across_ingress_replicas(
     ray_session: int, deployed: RayEngineClient, db: sessionmaker[Session], ray_settings: Settings
 ) -> None:
     """Two ingress replicas count one tenant's requests together, in Redis."""
-    key = _tenant_key(db, "ray-limited", requests_per_minute=5)
+    _, key = _tenant(db, "ray-limited", requests_per_minute=5)
     body = {"model": Path(ray_settings.model).name, "prompt": "hi", "max_tokens": 1}
     statuses = []
     with httpx.Client(
@@ -360,6 +361,46 @@ def test_the_api_on_ray_serve_answers_the_openai_sdk(
     with pytest.raises(Exception) as caught:
         unknown.completions.create(model="no-such-adapter", prompt="hello", max_tokens=2)
     assert getattr(caught.value, "status_code", None) == 404
+
+
+async def test_the_api_on_ray_serve_maps_engine_errors_and_aborts_when_the_client_leaves(
+    ray_session: int,
+    deployed: RayEngineClient,
+    db: sessionmaker[Session],
+    adapters: list[AdapterRef],
+) -> None:
+    tenant_id, key = _tenant(db, "ray-adapters")
+    with transaction(db) as session:
+        good = add_adapter_version(session, tenant_id, "good", adapters[0].sha256).id
+        add_adapter_version(session, tenant_id, "broken", MISSING_SHA)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{ray_session}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as client:
+        broken = await client.post(
+            "/v1/completions", json={"model": "broken", "prompt": "hi", "max_tokens": 2}
+        )
+        assert broken.status_code == 503
+        assert broken.headers["Retry-After"]
+        assert broken.json()["error"]["code"] == "engine_error"
+
+        body = {"model": "good", "prompt": "hi", "max_tokens": 200, "temperature": 0}
+        whole = await client.post("/v1/completions", json=body)
+        assert whole.json()["choices"][0]["finish_reason"] == "length"  # runs all 200
+        replica = deployed.handle.options(multiplexed_model_id=good)
+        before = (await replica.replica_stats.remote()).stats.num_generation_tokens_total
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.aiter_lines()
+            while not (await anext(lines)).startswith("data: "):
+                pass
+        for _ in range(200):
+            state = await replica.replica_stats.remote()
+            if state.stats.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+    assert state.stats.num_running == 0
+    assert state.stats.num_generation_tokens_total - before < 200
 
 
 async def test_batch_workers_reach_the_ray_engine_through_the_ingress(
