@@ -22,7 +22,11 @@ from typing import Any, cast
 
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import (
+    DeploymentHandle,
+    DeploymentResponse,
+    DeploymentResponseGenerator,
+)
 
 from loramux.engine_client import INTERACTIVE_PRIORITY
 from loramux.errors import ServiceUnavailable
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 # A replica not heard from for this long no longer counts in stats() (scaled down, died).
 STATS_TTL_S = 60.0
+DROP_TIMEOUT_S = 30.0
 
 
 class RayEngineClient:
@@ -53,6 +58,7 @@ class RayEngineClient:
         self.max_model_len = max_model_len
         self.replica_wait_s = replica_wait_s
         self._replicas: dict[str, tuple[float, EngineStats]] = {}
+        self._drops: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(
@@ -139,7 +145,25 @@ class RayEngineClient:
     def drop_adapter(self, ref: AdapterRef) -> None:
         # To the replica that holds it (Serve's routing by adapter version id). Others that
         # served it once age it out of their caches: no request resolves to it any more.
-        self.handle.options(multiplexed_model_id=ref.id).drop_adapter.remote(ref)
+        response = cast(
+            DeploymentResponse[Any],
+            self.handle.options(multiplexed_model_id=ref.id).drop_adapter.remote(ref),
+        )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: wait for it
+            response.result(timeout_s=DROP_TIMEOUT_S)
+            return
+        # A response nobody awaits is never sent: a task awaits it, held until it is done.
+        task = loop.create_task(self._dropped(response, ref))
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
+
+    async def _dropped(self, response: DeploymentResponse[Any], ref: AdapterRef) -> None:
+        try:
+            await asyncio.wait_for(response, DROP_TIMEOUT_S)
+        except Exception:  # the adapter is deleted either way; the replicas' LRU ages it out
+            logger.warning("engine replicas could not drop adapter version %s", ref.id)
 
     def stats(self) -> EngineStats:
         """The replicas' latest stats (each sends its own with every request), summed."""

@@ -231,6 +231,26 @@ async def test_adapter_requests_go_to_the_replica_holding_the_adapter(
     assert _device_loads(deployed) - routed > NUM_ADAPTERS + 1
 
 
+async def test_a_deleted_adapter_is_dropped_by_the_replica_holding_it(
+    deployed: RayEngineClient, adapters: list[AdapterRef]
+) -> None:
+    adapter = adapters[2]
+    await _run(deployed, "resident", PROMPT, 2, adapter)
+    holder = deployed.handle.options(multiplexed_model_id=adapter.id)
+
+    async def resident() -> float:
+        state = await holder.replica_stats.remote()
+        return float(state.stats.extra["adapter_cache_device_resident"])
+
+    before = await resident()
+    deployed.drop_adapter(adapter)  # as the API does on a delete: sync, not awaited
+    for _ in range(100):
+        if await resident() < before:
+            break
+        await asyncio.sleep(0.05)
+    assert await resident() == before - 1
+
+
 @dataclass
 class _Unrouted:
     """A client calling the engine deployment with no multiplexed model id."""
