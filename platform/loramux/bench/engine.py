@@ -195,7 +195,7 @@ def run_hf_generate(
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
             if self.at is None:
                 self.at = time.perf_counter()
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def generate(batch: list[list[int]], stop: list[Any], names: list[str] | None) -> int:
         width = max(len(p) for p in batch)
