@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench bench-gpu clean
 
 # torch goes in first and pinned: here that takes the CPU build already on disk, where a
 # bare `torch` requirement would pull several GB of CUDA packages.
@@ -32,6 +32,11 @@ bench: install
 	$(BIN)/loramux bench engine --json bench-engine.json
 	$(BIN)/loramux bench lora --json bench-lora.json
 	$(BIN)/loramux bench api --json bench-api.json
+
+# On a GPU machine, bare or not: no install, no network (infra/gpu/run_bench.sh says what it
+# needs). Writes bench-gpu.json here, or under $$OUT when OUT is set.
+bench-gpu:
+	PYTHON=$(or $(wildcard $(BIN)/python),python3) bash infra/gpu/run_bench.sh --device cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

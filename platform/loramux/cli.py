@@ -88,6 +88,38 @@ def _add_server_commands(commands: Group) -> None:
                 metavar="N",
                 help="run again beside N one-core busy loops (a shared host)",
             )
+    gpu = _command(
+        bench,
+        "gpu",
+        "the engine on a GPU against transformers, PEFT and the memory bandwidth bound, "
+        "on random-weight models it makes (no download)",
+        "loramux.bench.gpu:main",
+    )
+    gpu.add_argument("--json", dest="json_path", default=None, help="write results here")
+    gpu.add_argument(
+        "--quick", action="store_true", help="each shape cut to 2 layers, a smaller workload"
+    )
+    gpu.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="cpu: a dry run on SmolLM2-135M's shape only (default: cuda when there is one)",
+    )
+    gpu.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        metavar="SHAPE",
+        help="smollm2-135m, llama3-8b (CUDA only); default: both",
+    )
+    gpu.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        metavar="BYTES_PER_S",
+        help="memory bandwidth of the decode bound (default: 4.8e12, an H200's HBM, on CUDA; "
+        "a measured tensor copy on a CPU)",
+    )
 
 
 def _add_registry_commands(commands: Group) -> None:
