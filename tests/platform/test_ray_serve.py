@@ -38,6 +38,7 @@ from loramux.ray_serve.config import (  # noqa: E402
     settings_payload,
 )
 from loramux.ray_serve.engine import EngineDeployment  # noqa: E402
+from loramux.ray_serve.wire import Accepted, ReplicaStats  # noqa: E402
 from loramux.remote_engine import RemoteEngineClient  # noqa: E402
 from loramux.settings import Settings  # noqa: E402
 from loramux.storage import LocalStorage, adapter_key  # noqa: E402
@@ -45,7 +46,7 @@ from loramux_engine.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from loramux_engine.errors import PromptTooLongError  # noqa: E402
 from loramux_engine.lora.errors import AdapterLoadError  # noqa: E402
 from loramux_engine.lora.ref import AdapterRef, adapter_sha256  # noqa: E402
-from loramux_engine.outputs import RequestOutput  # noqa: E402
+from loramux_engine.outputs import EngineStats, RequestOutput  # noqa: E402
 from loramux_engine.sampling_params import SamplingParams  # noqa: E402
 from tests.platform.conftest import ADMIN_KEY  # noqa: E402
 from tests.platform.registry_rows import add_adapter_version  # noqa: E402
@@ -188,6 +189,48 @@ def _tokens(outputs: list[RequestOutput]) -> list[int]:
     return [t for out in outputs for t in out.new_token_ids]
 
 
+async def _served_by(client: RayEngineClient, request_id: str, adapter: AdapterRef) -> str:
+    """Serve one request for the adapter as the client does; the replica that took it."""
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    response = client.handle.options(stream=True, multiplexed_model_id=adapter.id)
+    items = [
+        item
+        async for item in response.generate.remote(
+            request_id, PROMPT, params, "tenant-a", 0, adapter
+        )
+    ]
+    assert isinstance(items[0], Accepted) and isinstance(items[-1], ReplicaStats)
+    return items[0].replica_id
+
+
+async def _until_routed(client: RayEngineClient, adapter: AdapterRef, replica_id: str) -> None:
+    """Until Serve routes the adapter's requests to ``replica_id``.
+
+    A replica reports the adapters it took every tenth of a second; until the router has
+    heard, it sends a request for an adapter nobody holds to the replica with fewest.
+    """
+    holder = client.handle.options(multiplexed_model_id=adapter.id)
+    in_a_row = 0
+    for _ in range(500):
+        state = await holder.replica_stats.remote()
+        in_a_row = in_a_row + 1 if state.replica_id == replica_id else 0
+        if in_a_row == 5:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"Serve never routed {adapter.id} to {replica_id}")
+
+
+async def _replica_states(client: RayEngineClient) -> dict[str, EngineStats]:
+    """Both engine replicas' stats, asked until each has answered (calls go anywhere)."""
+    states: dict[str, EngineStats] = {}
+    for _ in range(200):
+        state = await client.handle.replica_stats.remote()
+        states[state.replica_id] = state.stats
+        if len(states) == 2:
+            return states
+    raise AssertionError("one engine replica never answered")
+
+
 PROMPT = list(range(10, 40))
 
 
@@ -215,17 +258,18 @@ async def test_adapter_requests_go_to_the_replica_holding_the_adapter(
     have not seen (another namespace: other cache keys), load them on both replicas. Each
     replica's stats come back with every request it serves, so the sums are current.
     """
-    for round_ in range(6):
+    for adapter in adapters:
+        holder = await _served_by(deployed, f"first-{adapter.id}", adapter)
+        await _until_routed(deployed, adapter, holder)
+    for round_ in range(10):
         for i, adapter in enumerate(adapters):
             await _run(deployed, f"route-{round_}-{i}", PROMPT, 2, adapter)
-    assert len(deployed.replica_stats()) == 2  # both replicas took requests
-    # One cold load per adapter; one more at most, should a request overtake the news of
-    # where its adapter went (Serve learns a replica's adapters within a tenth of a second).
+    assert len(deployed.replica_stats()) == 2  # the adapters went to both replicas
     routed = _device_loads(deployed)
-    assert NUM_ADAPTERS <= routed <= NUM_ADAPTERS + 1
+    assert routed == NUM_ADAPTERS  # 44 requests, one cold load per adapter
 
     unrouted = [AdapterRef(f"nx_{a.id}", a.sha256, "tenant-b") for a in adapters]
-    for round_ in range(6):
+    for round_ in range(10):
         for i, adapter in enumerate(unrouted):
             await _run(_Unrouted(deployed), f"unrouted-{round_}-{i}", PROMPT, 2, adapter)
     assert _device_loads(deployed) - routed > NUM_ADAPTERS + 1
@@ -234,13 +278,12 @@ async def test_adapter_requests_go_to_the_replica_holding_the_adapter(
 async def test_a_deleted_adapter_is_dropped_by_the_replica_holding_it(
     deployed: RayEngineClient, adapters: list[AdapterRef]
 ) -> None:
-    adapter = adapters[2]
-    await _run(deployed, "resident", PROMPT, 2, adapter)
-    holder = deployed.handle.options(multiplexed_model_id=adapter.id)
+    adapter = AdapterRef("av_deleted", adapters[2].sha256, "tenant-c")
+    await _until_routed(deployed, adapter, await _served_by(deployed, "resident", adapter))
 
     async def resident() -> float:
-        state = await holder.replica_stats.remote()
-        return float(state.stats.extra["adapter_cache_device_resident"])
+        states = await _replica_states(deployed)
+        return sum(s.extra["adapter_cache_device_resident"] for s in states.values())
 
     before = await resident()
     deployed.drop_adapter(adapter)  # as the API does on a delete: sync, not awaited
@@ -282,25 +325,27 @@ def _device_loads(client: RayEngineClient) -> float:
 
 
 async def test_leaving_a_stream_aborts_the_request_in_the_replica(
-    deployed: RayEngineClient, adapters: list[AdapterRef]
+    deployed: RayEngineClient,
 ) -> None:
-    adapter = adapters[1]  # so the stats call below reaches the same replica
-    replica = deployed.handle.options(multiplexed_model_id=adapter.id)
-    before = (await replica.replica_stats.remote()).stats.num_generation_tokens_total
+    before = await _generated(deployed)
     max_tokens = 200
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    stream = deployed.generate("leave", PROMPT, params, fairness_key="tenant-a", adapter=adapter)
+    stream = deployed.generate("leave", PROMPT, params, fairness_key="tenant-a")
     assert len((await anext(stream)).new_token_ids) == 1
     await anext(stream)
     await stream.aclose()
+    # Had it gone on, a replica would have generated all max_tokens.
+    assert await _generated(deployed) - before < max_tokens
+
+
+async def _generated(client: RayEngineClient) -> int:
+    """Tokens both replicas have generated, once neither runs anything."""
     for _ in range(200):
-        state = await replica.replica_stats.remote()
-        if state.stats.num_running == 0:
-            break
+        states = await _replica_states(client)
+        if all(s.num_running == 0 for s in states.values()):
+            return sum(s.num_generation_tokens_total for s in states.values())
         await asyncio.sleep(0.05)
-    assert state.stats.num_running == 0
-    # Had it gone on, the replica would have generated all max_tokens.
-    assert state.stats.num_generation_tokens_total - before < max_tokens
+    raise AssertionError("a replica is still running requests")
 
 
 @dataclass
@@ -391,7 +436,7 @@ async def test_the_api_on_ray_serve_maps_engine_errors_and_aborts_when_the_clien
 ) -> None:
     tenant_id, key = _tenant(db, "ray-adapters")
     with transaction(db) as session:
-        good = add_adapter_version(session, tenant_id, "good", adapters[0].sha256).id
+        add_adapter_version(session, tenant_id, "good", adapters[0].sha256)
         add_adapter_version(session, tenant_id, "broken", MISSING_SHA)
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{ray_session}",
@@ -408,19 +453,12 @@ async def test_the_api_on_ray_serve_maps_engine_errors_and_aborts_when_the_clien
         body = {"model": "good", "prompt": "hi", "max_tokens": 200, "temperature": 0}
         whole = await client.post("/v1/completions", json=body)
         assert whole.json()["choices"][0]["finish_reason"] == "length"  # runs all 200
-        replica = deployed.handle.options(multiplexed_model_id=good)
-        before = (await replica.replica_stats.remote()).stats.num_generation_tokens_total
+        before = await _generated(deployed)
         async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
             lines = r.aiter_lines()
             while not (await anext(lines)).startswith("data: "):
                 pass
-        for _ in range(200):
-            state = await replica.replica_stats.remote()
-            if state.stats.num_running == 0:
-                break
-            await asyncio.sleep(0.05)
-    assert state.stats.num_running == 0
-    assert state.stats.num_generation_tokens_total - before < 200
+    assert await _generated(deployed) - before < 200
 
 
 async def test_batch_workers_reach_the_ray_engine_through_the_ingress(
