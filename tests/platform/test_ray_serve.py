@@ -528,13 +528,12 @@ async def test_a_replica_killed_mid_stream_fails_that_stream_cleanly(
 
     220 tokens take the tiny model over a second; the error arrives within milliseconds.
     """
+    adapter = AdapterRef("av_doomed", adapters[3].sha256, "tenant-d")
+    victim = await _served_by(deployed, "first-doomed", adapter)
+    await _until_routed(deployed, adapter, victim)
     params = SamplingParams(max_tokens=220, temperature=0.0, ignore_eos=True)
-    stream = deployed.generate(
-        "doomed", PROMPT, params, fairness_key="tenant-a", adapter=adapters[3]
-    )
+    stream = deployed.generate("doomed", PROMPT, params, fairness_key="tenant-a", adapter=adapter)
     await anext(stream)
-    # The replica that took it is the one heard from last (one request at a time here).
-    victim = max(deployed._replicas, key=lambda r: deployed._replicas[r][0])
     name = f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#{victim}"
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     with pytest.raises(ServiceUnavailable) as caught:
@@ -542,5 +541,5 @@ async def test_a_replica_killed_mid_stream_fails_that_stream_cleanly(
             pass
     assert caught.value.code == "engine_unavailable"
     assert "SERVE_REPLICA" not in caught.value.message
-    outputs = await _run(deployed, "after", PROMPT, 4, adapters[3])
+    outputs = await _run(deployed, "after", PROMPT, 4, adapter)
     assert len(_tokens(outputs)) == 4
