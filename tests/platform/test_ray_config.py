@@ -15,11 +15,14 @@ yaml = pytest.importorskip("yaml")
 from ray.serve import Application  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from loramux.ray_engine import sum_stats  # noqa: E402
+from loramux.engine_client import engine_config_from_settings  # noqa: E402
+from loramux.ray_engine import expected_max_model_len, sum_stats  # noqa: E402
 from loramux.ray_serve.app import app_builder  # noqa: E402
 from loramux.ray_serve.config import engine_options, settings_payload  # noqa: E402
 from loramux.ray_serve.wire import RayEngineError, decode_error, encode_error  # noqa: E402
 from loramux.settings import Settings  # noqa: E402
+from loramux.storage import LocalStorage  # noqa: E402
+from loramux_engine.engine.llm_engine import LLMEngine  # noqa: E402
 from loramux_engine.errors import (  # noqa: E402
     AdapterRequestError,
     InvalidSamplingParamsError,
@@ -67,6 +70,24 @@ def test_replica_stats_sum() -> None:
     assert (total.num_running, total.kv_blocks_total, total.kv_block_size) == (3, 200, 16)
     assert total.kv_cache_usage == 0.25
     assert total.extra == {"adapter_cache_device_loads": 3.0}
+
+
+@pytest.mark.parametrize("kv_cache_bytes", [256 << 10, 64 << 20], ids=["kv-capped", "context"])
+def test_the_clients_context_length_is_the_engines(
+    tiny_llama_dir: Path, tmp_path: Path, kv_cache_bytes: int
+) -> None:
+    """Before a replica answers, the client sizes the context as LLMEngine does (on CPU)."""
+    settings = Settings(
+        home=tmp_path,
+        model=str(tiny_llama_dir),
+        device="cpu",
+        engine_kv_cache_bytes=kv_cache_bytes,
+    )
+    engine = LLMEngine(engine_config_from_settings(settings, LocalStorage(tmp_path / "storage")))
+    try:
+        assert expected_max_model_len(settings, tiny_llama_dir) == engine.max_model_len
+    finally:
+        engine.close()
 
 
 def test_engine_options_follow_settings() -> None:
