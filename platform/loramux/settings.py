@@ -115,14 +115,14 @@ class Settings(BaseSettings):
     batch_poll_s: float = 0.5
 
     # Ray Serve (`pip install 'loramux[ray]'`, `loramux serve --ray`). engine_backend: where
-    # the API process (and a batch worker) finds the engine: "local", in this process (a
-    # worker: the server at engine_url); "ray", the Ray Serve engine deployment. ray_address:
-    # the cluster (None: RAY_ADDRESS, or a local Ray started for `serve --ray`). Engine
-    # replicas autoscale on ongoing requests per replica between min (0: scale to zero) and
-    # max; idle for ray_engine_downscale_delay_s, one goes. Each takes up to
-    # ray_engine_max_ongoing_requests (None: engine_max_num_seqs) and holds up to
-    # engine_max_loras adapters for routing (Serve's multiplexing by adapter version id). A
-    # request finding no replica waits ray_replica_wait_s for one to start, then a 503.
+    # `loramux serve` finds the engine: "local", in its own process; "ray", the engine
+    # deployment of a running loramux Serve app (batch workers reach either through the API
+    # server at engine_url). ray_address: the cluster (None: RAY_ADDRESS, or for `serve
+    # --ray` a local Ray it starts). Engine replicas autoscale on ongoing requests per
+    # replica between min (0: scale to zero) and max; idle for ray_engine_downscale_delay_s,
+    # one goes. Each takes up to ray_engine_max_ongoing_requests (None: engine_max_num_seqs)
+    # and holds up to engine_max_loras adapters for routing (Serve's multiplexing by adapter
+    # version id). A request finding no replica waits ray_replica_wait_s for one, then a 503.
     engine_backend: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     ray_app_name: str = "loramux"
