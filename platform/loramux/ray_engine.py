@@ -32,6 +32,7 @@ from loramux.engine_client import INTERACTIVE_PRIORITY
 from loramux.errors import ServiceUnavailable
 from loramux.ray_serve.wire import Accepted, EngineFailure, ReplicaStats, decode_error
 from loramux.settings import Settings
+from loramux_engine.engine.kv_cache import kv_cache_capacity
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.models.config import load_model_args
 from loramux_engine.outputs import EngineStats, RequestOutput
@@ -221,11 +222,13 @@ def expected_max_model_len(settings: Settings, model_dir: Path) -> int:
     The first replica to take a request replaces it with its own; the engine checks every
     prompt against its own in any case. Replicas given GPUs use bf16 (half the KV bytes).
     """
-    if settings.engine_max_model_len is not None:
-        return settings.engine_max_model_len
-    args = load_model_args(str(model_dir))
     device = settings.device
     on_cuda = device.startswith("cuda") or (device == "auto" and settings.ray_engine_num_gpus > 0)
-    block_bytes = args.kv_bytes_per_token * (2 if on_cuda else 4) * settings.engine_kv_block_size
-    num_cache_rows = settings.engine_kv_cache_bytes // block_bytes * settings.engine_kv_block_size
-    return int(min(args.max_position_embeddings, num_cache_rows))
+    _, max_model_len = kv_cache_capacity(
+        load_model_args(str(model_dir)),
+        2 if on_cuda else 4,
+        settings.engine_kv_cache_bytes,
+        settings.engine_kv_block_size,
+        settings.engine_max_model_len,
+    )
+    return max_model_len

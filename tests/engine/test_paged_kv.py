@@ -53,11 +53,11 @@ def adapters(long_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _engine(model_dir: Path, tokens: int, **overrides: Any) -> LLMEngine:
     """An fp32 engine whose KV cache holds ``tokens`` tokens."""
     per_token = load_model_args(str(model_dir)).kv_bytes_per_token * 4
-    config = EngineConfig(str(model_dir), dtype="float32", kv_cache_bytes=tokens * per_token)
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    config.__post_init__()
-    return LLMEngine(config)
+    return LLMEngine(
+        EngineConfig(
+            str(model_dir), dtype="float32", kv_cache_bytes=tokens * per_token, **overrides
+        )
+    )
 
 
 def _run(

@@ -251,10 +251,9 @@ def test_a_sampler_failing_for_one_row_fails_that_request_only(
     assert not tiny_engine.has_unfinished()
 
 
-def test_a_forward_failing_on_one_prompt_chunk_fails_that_request_only(
-    tiny_engine: LLMEngine, alone: list[list[int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = tiny_engine.runner.model
+def _refuse_marked_tokens(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's forward raises for any batch holding MARK, as a kernel bug would."""
+    model = engine.runner.model
     forward = model.forward
 
     def forward_unless_marked(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -263,6 +262,12 @@ def test_a_forward_failing_on_one_prompt_chunk_fails_that_request_only(
         return forward(input_ids, positions)
 
     monkeypatch.setattr(model, "forward", forward_unless_marked)
+
+
+def test_a_forward_failing_on_one_prompt_chunk_fails_that_request_only(
+    tiny_engine: LLMEngine, alone: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_marked_tokens(tiny_engine, monkeypatch)
     # MARK must reach the forward: not served from blocks an earlier test cached
     monkeypatch.setattr(tiny_engine.scheduler.kv_cache, "enable_prefix_caching", False)
     victims, attack = _beside(tiny_engine, GREEDY)
@@ -373,15 +378,7 @@ def test_a_failed_prompt_chunk_leaves_nothing_in_the_prefix_cache(
     the same prompt afterwards must compute them, not find them cached."""
     engine = make_engine(max_num_batched_tokens=64)
     prompt = [MARK, *range(3, 90)]  # the first chunk fills four whole blocks
-    model = engine.runner.model
-    forward = model.forward
-
-    def forward_unless_marked(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if bool((input_ids == MARK).any()):
-            raise IndexError("a kernel refused this sequence's tokens")
-        return forward(input_ids, positions)
-
-    monkeypatch.setattr(model, "forward", forward_unless_marked)
+    _refuse_marked_tokens(engine, monkeypatch)
     (failed,) = engine.generate([prompt], GREEDY)
     assert failed.finish_reason == "error"
     monkeypatch.undo()

@@ -29,6 +29,7 @@ from collections.abc import Sequence as Seq
 
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.lora.ref import AdapterRef
+from loramux_engine.models.config import ModelArgs
 
 _DIGEST_BYTES = 16
 
@@ -41,6 +42,19 @@ def block_key(parent: bytes, token_ids: Seq[int]) -> bytes:
     digest = hashlib.blake2b(parent, digest_size=_DIGEST_BYTES)
     digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
     return digest.digest()
+
+
+def kv_cache_capacity(
+    args: ModelArgs,
+    dtype_bytes: int,
+    kv_cache_bytes: int,
+    block_size: int,
+    max_model_len: int | None = None,
+) -> tuple[int, int]:
+    """(blocks, max_model_len) for a budget: whole blocks, and the model's context capped
+    by the tokens they hold unless ``max_model_len`` is given (the engine checks it)."""
+    num_blocks = kv_cache_bytes // (args.kv_bytes_per_token * dtype_bytes * block_size)
+    return num_blocks, max_model_len or min(args.max_position_embeddings, num_blocks * block_size)
 
 
 class BlockManager:

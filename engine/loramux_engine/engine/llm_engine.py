@@ -17,7 +17,7 @@ import torch
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.adapters import adapter_cache_stats, build_adapter_cache, check_adapter
 from loramux_engine.engine.detokenizer import IncrementalDetokenizer, find_stop
-from loramux_engine.engine.kv_cache import BlockManager
+from loramux_engine.engine.kv_cache import BlockManager, kv_cache_capacity
 from loramux_engine.engine.model_runner import ModelRunner
 from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
@@ -57,12 +57,14 @@ class LLMEngine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         self.model_args = args = load_model_args(config.model_dir)
-        block_bytes = args.kv_bytes_per_token * self.dtype.itemsize * config.kv_block_size
-        num_blocks = config.kv_cache_bytes // block_bytes
-        num_cache_rows = num_blocks * config.kv_block_size
-        self.max_model_len = config.max_model_len or min(
-            args.max_position_embeddings, num_cache_rows
+        num_blocks, self.max_model_len = kv_cache_capacity(
+            args,
+            self.dtype.itemsize,
+            config.kv_cache_bytes,
+            config.kv_block_size,
+            config.max_model_len,
         )
+        num_cache_rows = num_blocks * config.kv_block_size
         if self.max_model_len > args.max_position_embeddings:
             raise EngineConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context "
