@@ -39,6 +39,10 @@ class EngineConfig:
     adapter_cache_dir: str | None = None  # None: a temporary directory owned by the engine
     adapter_loader_threads: int = 2
     adapter_failure_ttl_s: float = 30.0  # a failed load is not retried for this long
+    # A PEFT adapter directory merged into the base weights at load (lora/merge.py): the
+    # engine then serves that one adapter as its base model, with no LoRA cost; requests
+    # carry no adapter. Excludes adapter_source (any other adapter would run on top of it).
+    merged_adapter: str | None = None
 
     def __post_init__(self) -> None:
         if not os.path.isfile(os.path.join(self.model_dir, "config.json")):
@@ -65,6 +69,16 @@ class EngineConfig:
         for name in ("adapter_host_bytes", "adapter_disk_bytes", "adapter_failure_ttl_s"):
             if getattr(self, name) < 0:
                 raise EngineConfigError(f"{name} must not be negative")
+        if self.merged_adapter is not None:
+            if self.adapter_source is not None:
+                raise EngineConfigError(
+                    "merged_adapter and adapter_source exclude each other: a merged engine "
+                    "serves its one adapter, and another adapter would apply on top of it"
+                )
+            if not os.path.isfile(os.path.join(self.merged_adapter, "adapter_config.json")):
+                raise EngineConfigError(
+                    f"no adapter_config.json in merged_adapter {self.merged_adapter!r}"
+                )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

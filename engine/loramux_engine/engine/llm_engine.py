@@ -30,6 +30,7 @@ from loramux_engine.errors import (
     SequenceFailedError,
 )
 from loramux_engine.layers.sampler import SampledToken
+from loramux_engine.lora.merge import read_adapter_for_model
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.models.config import load_model_args
 from loramux_engine.outputs import EngineStats, RequestOutput
@@ -87,6 +88,13 @@ class LLMEngine:
             self.device,
             config.cpu_decode_kernel,
             config.cpu_onednn_matmul,
+            merged_adapter=(
+                read_adapter_for_model(
+                    config.model_dir, config.merged_adapter, config.max_lora_rank
+                )
+                if config.merged_adapter is not None
+                else None
+            ),
         )
         self.adapters = build_adapter_cache(config, self.dtype, self.device)
         if self.adapters is not None:

@@ -11,6 +11,7 @@ from loramux_engine.kernels import decode_attention
 from loramux_engine.layers.attention import attention_backend
 from loramux_engine.layers.linear import Linear, onednn_available
 from loramux_engine.layers.sampler import SampledToken, sample
+from loramux_engine.lora.adapter import LoRAAdapter
 from loramux_engine.lora.ops import LoRABatch
 from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.models.config import ModelArgs
@@ -33,12 +34,13 @@ class ModelRunner:
         device: torch.device,
         cpu_decode_kernel: bool = True,
         cpu_onednn_matmul: bool = True,
+        merged_adapter: LoRAAdapter | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype
         if device.type == "cpu":
             keep_large_blocks()
-        self.model = load_model(model_dir, args, max_model_len, dtype, device)
+        self.model = load_model(model_dir, args, max_model_len, dtype, device, merged_adapter)
         cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         self.onednn_matmul = cpu_onednn_matmul and cpu_fp32 and onednn_available()
         if self.onednn_matmul:

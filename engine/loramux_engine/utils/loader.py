@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
 
 from loramux_engine.errors import ModelLoadError
 from loramux_engine.layers.rotary_embedding import RotaryEmbedding, rope_inv_freq
+from loramux_engine.lora.adapter import LoRAAdapter
+from loramux_engine.lora.merge import WeightMerger
 from loramux_engine.models.config import ModelArgs
 from loramux_engine.models.llama import LlamaForCausalLM
 
 
 def _read_weights(
-    model_dir: str, dtype: torch.dtype, device: torch.device
+    model_dir: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    merge: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
@@ -24,13 +30,22 @@ def _read_weights(
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                tensor = f.get_tensor(name)
+                if merge is not None:  # in the checkpoint's dtype, before any cast
+                    tensor = merge(name, tensor)
+                weights[name] = tensor.to(device=device, dtype=dtype)
     return weights
 
 
 def load_model(
-    model_dir: str, args: ModelArgs, max_model_len: int, dtype: torch.dtype, device: torch.device
+    model_dir: str,
+    args: ModelArgs,
+    max_model_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    merged_adapter: LoRAAdapter | None = None,
 ) -> LlamaForCausalLM:
+    """The model; with ``merged_adapter``, its weights hold that adapter merged (lora/merge.py)."""
     inv_freq = rope_inv_freq(
         args.head_dim,
         args.rope_theta,
@@ -41,7 +56,10 @@ def load_model(
     rotary = RotaryEmbedding(inv_freq, max_model_len).to(device)
     with torch.device("meta"):
         model = LlamaForCausalLM(args, rotary)
-    weights = _read_weights(model_dir, dtype, device)
+    merger = WeightMerger(merged_adapter) if merged_adapter is not None else None
+    weights = _read_weights(model_dir, dtype, device, merger)
+    if merger is not None:
+        merger.check_complete()
     if "lm_head.weight" not in weights:
         if not args.tie_word_embeddings:
             raise ModelLoadError("checkpoint has no lm_head.weight and does not tie embeddings")
