@@ -37,9 +37,10 @@ from loramux.errors import (
     internal_error_handler,
 )
 from loramux.limits import rate_limiter_from_settings
-from loramux.middleware import BodySizeLimit
+from loramux.middleware import BodySizeLimit, RequestId, trace_request_id
 from loramux.settings import Settings
 from loramux.state import AppState
+from loramux.telemetry import TracedAuthBackend, asgi_middleware, setup_tracing
 from loramux.usage_spool import replay_forever, spool_for
 
 
@@ -68,6 +69,7 @@ def build_state(settings: Settings, *, storage: Any = None, engine: Any = None) 
 def create_app(settings: Settings, *, app_state: AppState | None = None) -> Starlette:
     app_state = app_state or build_state(settings)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    setup_tracing(settings)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -117,6 +119,9 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
             *openapi.routes,
         ],
         middleware=[
+            # The request id first, so the trace and every log line of the request carry it.
+            Middleware(RequestId),
+            *asgi_middleware(request_hook=trace_request_id),
             Middleware(
                 BodySizeLimit,
                 max_bytes=settings.max_body_bytes,
@@ -124,7 +129,7 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
             ),
             Middleware(
                 AuthenticationMiddleware,
-                backend=ApiKeyBackend(app_state.sessions, admin_key),
+                backend=TracedAuthBackend(ApiKeyBackend(app_state.sessions, admin_key)),
                 on_error=on_auth_error,
             ),
         ],

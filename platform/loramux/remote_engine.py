@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from loramux import telemetry
 from loramux.engine_client import INTERACTIVE_PRIORITY
 from loramux_engine.lora.ref import AdapterRef
 from loramux_engine.outputs import EngineStats, RequestOutput
@@ -63,7 +64,7 @@ class RemoteEngineClient:
                 "POST",
                 f"{self.base_url}/internal/engine/generate",
                 json=body,
-                headers=self._headers,
+                headers=telemetry.inject(self._headers),  # the server continues the trace
             ) as response,
         ):
             if response.status_code != 200:

@@ -87,6 +87,20 @@ class Settings(BaseSettings):
     # GET /metrics: "admin" asks for an admin key (engine load, adapter-cache activity and
     # request counts are not for tenants); "none" leaves it open, e.g. behind a firewall.
     metrics_auth: Literal["admin", "none"] = "admin"
+    # Logs (loramux.logging_config): "text" for a person at a terminal (`loramux serve`),
+    # "json" (one object a line with request and trace ids) for a collector; the container
+    # image sets json. Loggers that would write SQL parameters or request bodies (tenants'
+    # prompts and outputs) stay at WARNING whatever log_level says.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Tracing (loramux.telemetry), off by default. "otlp": OTLP over HTTP to otel_endpoint,
+    # the collector's base URL (/v1/traces is added; None: OTEL_EXPORTER_OTLP_* variables or
+    # http://localhost:4318); "console": spans as JSON on stdout. A ratio below 1 samples
+    # that share of new traces; a request arriving with a sampled traceparent is kept.
+    otel_exporter: Literal["none", "otlp", "console"] = "none"
+    otel_endpoint: str | None = None
+    otel_service_name: str = "loramux"
+    otel_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
     # Adapter lifecycle: how long an upload may hold its blobs before cleanup may take them
     # (also the presigned URL's lifetime), and how often the cleanup task runs.

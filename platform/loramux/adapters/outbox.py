@@ -20,6 +20,7 @@ landed later) goes out twice; the task is idempotent by version id (validation_j
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -81,8 +82,10 @@ class ValidationOutbox:
     def publish_soon(self, version_id: str) -> None:
         """Publish a just-committed version's message in the background; the caller never
         waits for the broker, and the dispatcher retries if this fails."""
+        # In the caller's context, so the validation task continues the upload's trace.
         threading.Thread(
-            target=self._publish_quietly, args=(version_id,), daemon=True,
+            target=contextvars.copy_context().run, args=(self._publish_quietly, version_id),
+            daemon=True,
             name=f"loramux-validation-publish-{version_id}",
         ).start()  # fmt: skip
 

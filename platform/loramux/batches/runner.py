@@ -19,6 +19,7 @@ from typing import Any
 from anyio import to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux import telemetry
 from loramux.batches.budget import ChoiceBudget
 from loramux.batches.files import unix
 from loramux.batches.finalize import finalize, start_finalizing
@@ -193,14 +194,20 @@ class BatchRunner:
             if stop.is_set():
                 return
             try:
-                result = await run_line(
-                    self.app_state, line, tenant_id=batch.tenant_id,
-                    api_key_id=batch.api_key_id, stop=stop,
-                    gate=lambda num_choices: self._gate(batch, budget, num_choices),
-                )  # fmt: skip
-                if result is None:
-                    return
-                await to_thread.run_sync(stage_line, self.sessions, batch, result)
+                with telemetry.tracer().start_as_current_span(
+                    "loramux.batch.line",
+                    attributes={"loramux.batch_id": batch.id, "loramux.line": line.index},
+                    record_exception=False,
+                ) as span:
+                    result = await run_line(
+                        self.app_state, line, tenant_id=batch.tenant_id,
+                        api_key_id=batch.api_key_id, stop=stop,
+                        gate=lambda num_choices: self._gate(batch, budget, num_choices),
+                    )  # fmt: skip
+                    if result is None:
+                        return
+                    span.set_attribute("loramux.status_code", result.status_code or 0)
+                    await to_thread.run_sync(stage_line, self.sessions, batch, result)
             except StandingRevoked as revoked:  # this line and the ones left are refused
                 self.refusal = self.refusal or revoked.error
                 stop.set()

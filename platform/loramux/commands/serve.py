@@ -24,6 +24,7 @@ from loramux.db.session import make_engine, make_session_factory, transaction
 from loramux.drain import Drain
 from loramux.engine_client import EngineClient, engine_client_from_settings
 from loramux.jobs.embedded import EmbeddedWorker
+from loramux.logging_config import configure_logging
 from loramux.settings import Settings, get_settings
 from loramux.storage import Storage, storage_from_settings
 from loramux_engine.errors import EngineConfigError, ModelLoadError
@@ -93,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         # this run makes a random one that only its own workers are given.
         overrides["admin_key"] = SecretStr("lmx_internal-" + secrets.token_urlsafe(32))
     settings = get_settings().model_copy(update=overrides)
+    configure_logging(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     if args.demo:
@@ -125,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         create_app(settings, app_state=app_state),
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_config=None,  # configure_logging's handler and format for uvicorn's lines too
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + DRAIN_MARGIN_S),
     )
     server = DrainingServer(config, app_state.drain, settings.shutdown_grace_s)

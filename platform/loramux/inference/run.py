@@ -15,13 +15,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from loramux import telemetry
 from loramux.db.models import Tenant
 from loramux.drain import ShuttingDown
 from loramux.engine_client import INTERACTIVE_PRIORITY, EngineClient
-from loramux.errors import InvalidRequest, ServiceUnavailable, dependency_unavailable
+from loramux.errors import APIError, InvalidRequest, ServiceUnavailable, dependency_unavailable
 from loramux.inference import render
 from loramux.inference.request import SEED_LIMIT, GenerationRequest
 from loramux.limits import Admission, Limits
@@ -67,6 +70,9 @@ class Generation:
     status: str = "cancelled"
     started: float = field(default_factory=time.monotonic)
     closed: bool = False
+    # The trace this generation belongs to (the request's, or a batch line's): its engine
+    # and usage spans are children of that span, whichever task runs them.
+    trace_context: otel_context.Context = field(default_factory=otel_context.get_current)
 
     def __post_init__(self) -> None:
         prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
@@ -93,15 +99,36 @@ class Generation:
                 choice_params = params
                 if params.seed is not None and index:
                     choice_params = _replace_seed(params, params.seed + index)
-                async for out in self.engine.generate(
-                    f"{self.id}-{index}",
-                    prompt,
-                    choice_params,
-                    fairness_key=self.tenant_id,
-                    priority=self.priority,
-                    adapter=self.resolved.adapter,
-                ):
-                    await queue.put((index, out))
+                with self._engine_span(index, len(prompt), choice_params) as span:
+                    submitted = time.monotonic()
+                    # From submission to the first output: the wait for a running slot
+                    # (and for a cold adapter) plus the prompt's prefill.
+                    queued: Span | None = telemetry.tracer().start_span("loramux.engine.queue")
+                    try:
+                        async for out in self.engine.generate(
+                            f"{self.id}-{index}",
+                            prompt,
+                            choice_params,
+                            fairness_key=self.tenant_id,
+                            priority=self.priority,
+                            adapter=self.resolved.adapter,
+                        ):
+                            if queued is not None:
+                                queued.end()
+                                queued = None
+                                span.add_event(
+                                    "first_token",
+                                    {"loramux.time_to_first_token_s": time.monotonic() - submitted},
+                                )
+                            if out.finished:
+                                _trace_finish(span, out)
+                            await queue.put((index, out))
+                    except BaseException as error:  # a cancel (the client left) included
+                        telemetry.fail(span, error)
+                        raise
+                    finally:
+                        if queued is not None:
+                            queued.end()
                 await queue.put((index, None))
             except BaseException as error:  # delivered to the consumer, which re-raises
                 await queue.put((index, error))
@@ -154,6 +181,26 @@ class Generation:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _engine_span(self, index: int, num_prompt_tokens: int, params: Any) -> Any:
+        """``loramux.engine.generate`` for choice ``index``, current in its pump's task."""
+        attributes: dict[str, Any] = {
+            "loramux.generation_id": self.id,
+            "loramux.choice": index,
+            "loramux.prompt_tokens": num_prompt_tokens,
+            "loramux.max_tokens": params.max_tokens or 0,
+            "loramux.priority": self.priority,
+            "loramux.tenant_id": self.tenant_id,
+        }
+        if self.resolved.adapter_version_id is not None:
+            attributes["loramux.adapter_version_id"] = self.resolved.adapter_version_id
+        return telemetry.tracer().start_as_current_span(
+            "loramux.engine.generate",
+            context=self.trace_context,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
     async def close(self) -> None:
         """Give back unused tokens and write the usage record, even when cancelled."""
         if self.closed:
@@ -161,7 +208,24 @@ class Generation:
         self.closed = True
         self.app_state.metrics.e2e_request_latency.observe(time.monotonic() - self.started)
         self.app_state.metrics.requests.labels(status=self.status).inc()
-        with anyio.CancelScope(shield=True):
+        logger.info(
+            "%s finished: %s, %d prompt and %d completion tokens",
+            self.id, self.status, self.prompt_tokens, self.completion_tokens,
+        )  # fmt: skip
+        with (
+            anyio.CancelScope(shield=True),
+            telemetry.tracer().start_as_current_span(
+                "loramux.usage",
+                context=self.trace_context,
+                attributes={
+                    "loramux.generation_id": self.id,
+                    "loramux.status": self.status,
+                    "loramux.prompt_tokens": self.prompt_tokens,
+                    "loramux.completion_tokens": self.completion_tokens,
+                },
+                record_exception=False,
+            ),
+        ):
             used = self.prompt_tokens + self.completion_tokens
             try:
                 # First the record, then the release of the quota reservation: the tokens
@@ -198,6 +262,20 @@ class Generation:
             # The client has its tokens: journal the bill; the spool writes it once the
             # registry is back (usage_spool.py).
             spool_for(self.app_state.settings.home).append(record)
+
+
+def _trace_finish(span: Span, out: RequestOutput) -> None:
+    span.add_event(
+        "finished",
+        {
+            "loramux.finish_reason": out.finish_reason or "",
+            "loramux.output_tokens": out.num_output_tokens,
+        },
+    )
+    span.set_attribute("loramux.finish_reason", out.finish_reason or "")
+    span.set_attribute("loramux.output_tokens", out.num_output_tokens)
+    if out.finish_reason == "error" and out.error is not None:
+        telemetry.fail(span, out.error)
 
 
 def _replace_seed(params: Any, seed: int) -> Any:
@@ -257,15 +335,38 @@ async def admit(
             )
             return resolved, limits
 
-    resolved, limits = await run_in_threadpool(prepare)
-    try:
-        check_context(request, engine.max_model_len)
-    except PromptTooLongError as error:
-        raise InvalidRequest(str(error), code="context_length_exceeded") from error
-    generation_id = ("chatcmpl-" if request.kind == "chat" else "cmpl-") + secrets.token_hex(12)
-    admission = await app_state.limiter.admit(
-        tenant_id, generation_id, limits, request.reserved_tokens, request.num_choices
-    )
+    parent = otel_context.get_current()
+    with telemetry.tracer().start_as_current_span(
+        "loramux.admission",
+        attributes={
+            "loramux.tenant_id": tenant_id,
+            "loramux.num_choices": request.num_choices,
+            "loramux.reserved_tokens": request.reserved_tokens,
+        },
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            resolved, limits = await run_in_threadpool(prepare)
+            try:
+                check_context(request, engine.max_model_len)
+            except PromptTooLongError as error:
+                raise InvalidRequest(str(error), code="context_length_exceeded") from error
+            generation_id = (
+                "chatcmpl-" if request.kind == "chat" else "cmpl-"
+            ) + secrets.token_hex(12)
+            admission = await app_state.limiter.admit(
+                tenant_id, generation_id, limits, request.reserved_tokens, request.num_choices
+            )
+        except APIError as error:  # e.g. rate_limit_exceeded, model_not_found
+            telemetry.fail(span, error, error.code or error.type)
+            raise
+        except Exception as error:
+            telemetry.fail(span, error)
+            raise
+        span.set_attribute("loramux.generation_id", generation_id)
+        if resolved.adapter_version_id is not None:
+            span.set_attribute("loramux.adapter_version_id", resolved.adapter_version_id)
     return Generation(
         app_state,
         engine,
@@ -277,6 +378,7 @@ async def admit(
         priority=priority,
         billing_key=billing_key,
         id=generation_id,
+        trace_context=parent,
     )
 
 

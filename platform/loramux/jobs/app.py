@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from loramux.jobs import observability  # noqa: F401  (its signal handlers)
 from loramux.jobs.config import make_celery
 from loramux.settings import get_settings
 

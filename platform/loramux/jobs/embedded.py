@@ -85,8 +85,10 @@ class EmbeddedWorker:
         )
 
     def start(self) -> None:
-        self.process = self._spawn(worker_command())
-        self.beat = self._spawn(beat_command(self.settings.home / "celerybeat-schedule"))
+        loglevel = self.settings.log_level
+        self.process = self._spawn(worker_command(loglevel=loglevel))
+        schedule = self.settings.home / "celerybeat-schedule"
+        self.beat = self._spawn(beat_command(schedule, loglevel=loglevel))
 
     def stop(self, timeout_s: float = 15.0) -> None:
         # Beat first, so nothing new is scheduled while the worker finishes its task.

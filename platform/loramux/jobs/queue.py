@@ -7,6 +7,7 @@ from functools import lru_cache
 from celery import Celery
 
 from loramux.jobs.config import QUEUE, VALIDATE_ADAPTER_VERSION, make_celery, producer_timeouts
+from loramux.jobs.observability import publish
 from loramux.settings import get_settings
 
 
@@ -22,7 +23,7 @@ class JobQueue:
         self.celery.conf.update(producer_timeouts(broker_url, timeout_s))
 
     def send(self, task_name: str, *args: str) -> None:
-        self.celery.send_task(task_name, args=list(args), queue=QUEUE)
+        publish(self.celery, task_name, list(args), QUEUE)
 
     def validate_adapter_version(self, version_id: str) -> None:
         self.send(VALIDATE_ADAPTER_VERSION, version_id)

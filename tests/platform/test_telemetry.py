@@ -1,0 +1,362 @@
+"""Tracing: one connected trace for a streamed chat request (spans kept in memory), and one
+for a batch line across the API, a real Celery worker (its spans over OTLP/HTTP to a
+receiver here) and the engine route the worker calls back; no span carries text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.testclient import TestClient
+
+from loramux import telemetry
+from loramux.app import build_state, create_app
+from loramux.db.migrate import upgrade
+from loramux.engine_client import InProcessEngineClient, StorageAdapterSource
+from loramux.jobs.embedded import settings_env, worker_command
+from loramux.settings import Settings
+from loramux.storage import LocalStorage
+from loramux_engine.config import EngineConfig
+from loramux_engine.engine.async_engine import AsyncLLMEngine
+from tests.fixtures.services import fresh_pg_database
+from tests.platform.conftest import ADMIN_KEY
+from tests.platform.live_server import serve
+
+BROKER_DB = 10  # its own Redis db, consumed only by this file's worker
+# Far above what the work takes; reached only when something is broken.
+TIMEOUT_S = 120.0
+PROMPT = "tracing-prompt-marker-7f3a"
+
+
+@dataclass(frozen=True)
+class SpanRecord:
+    """A finished span from either source, reduced to what the checks read."""
+
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    attributes: dict[str, Any]
+    events: list[str]
+    service: str
+
+
+def from_sdk(span: Any) -> SpanRecord:
+    return SpanRecord(
+        name=span.name,
+        trace_id=format(span.context.trace_id, "032x"),
+        span_id=format(span.context.span_id, "016x"),
+        parent_id=format(span.parent.span_id, "016x") if span.parent else None,
+        attributes=dict(span.attributes or {}),
+        events=[event.name for event in span.events],
+        service=str(span.resource.attributes.get("service.name")),
+    )
+
+
+def from_otlp(body: bytes) -> list[SpanRecord]:
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    records = []
+    for resource_spans in request.resource_spans:
+        service = next(
+            (a.value.string_value for a in resource_spans.resource.attributes
+             if a.key == "service.name"), "",
+        )  # fmt: skip
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                attributes: dict[str, Any] = {}
+                for attribute in span.attributes:
+                    value = attribute.value
+                    attributes[attribute.key] = getattr(value, value.WhichOneof("value"))
+                records.append(
+                    SpanRecord(
+                        name=span.name,
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_id=span.parent_span_id.hex() or None,
+                        attributes=attributes,
+                        events=[event.name for event in span.events],
+                        service=service,
+                    )
+                )
+    return records
+
+
+def one_connected_trace(spans: list[SpanRecord], root_name: str) -> list[SpanRecord]:
+    """The spans of the trace rooted at the one span named ``root_name``, checked to be a
+    tree: every span but the root has its parent among them."""
+    roots = [s for s in spans if s.name == root_name]
+    assert len(roots) == 1, [s.name for s in spans]
+    root = roots[0]
+    assert root.parent_id is None, "the request starts its own trace"
+    trace = [s for s in spans if s.trace_id == root.trace_id]
+    ids = {s.span_id for s in trace}
+    orphans = [s.name for s in trace if s is not root and s.parent_id not in ids]
+    assert orphans == [], f"spans whose parent is not in the trace: {orphans}"
+    return trace
+
+
+def children(trace: list[SpanRecord], parent: SpanRecord) -> list[str]:
+    return sorted(s.name for s in trace if s.parent_id == parent.span_id)
+
+
+def only(trace: list[SpanRecord], name: str) -> SpanRecord:
+    found = [s for s in trace if s.name == name]
+    assert len(found) == 1, f"{name}: {len(found)} spans in {[s.name for s in trace]}"
+    return found[0]
+
+
+def assert_no_text(trace: list[SpanRecord], *secrets: str) -> None:
+    text = json.dumps([s.attributes for s in trace], default=str)
+    for secret in secrets:
+        assert secret not in text
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """This process's tracer provider, keeping finished spans in memory until the test ends."""
+    memory = InMemorySpanExporter()
+    telemetry.install(telemetry.make_provider("loramux-test", memory, batch=False))
+    try:
+        yield memory
+    finally:
+        telemetry.install(None)
+
+
+def tiny_engine(tiny_llama_dir: Path, storage_dir: Path) -> InProcessEngineClient:
+    config = EngineConfig(
+        model_dir=str(tiny_llama_dir),
+        device="cpu",
+        max_num_seqs=8,
+        max_model_len=256,
+        kv_cache_bytes=8 << 20,
+        max_num_batched_tokens=512,
+        adapter_source=StorageAdapterSource(LocalStorage(storage_dir)),
+    )
+    return InProcessEngineClient(AsyncLLMEngine.from_config(config))
+
+
+def make_tenant(client: Any) -> str:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    tenant = client.post("/admin/api/tenants", json={"name": f"t-{uuid.uuid4().hex[:8]}"},
+                         headers=admin)  # fmt: skip
+    assert tenant.status_code == 201, tenant.text
+    key = client.post(f"/admin/api/tenants/{tenant.json()['id']}/keys", json={"name": "k"},
+                      headers=admin)  # fmt: skip
+    assert key.status_code == 201, key.text
+    return str(key.json()["key"])
+
+
+def test_a_streamed_chat_request_is_one_trace(
+    exporter: InMemorySpanExporter, pg_database: str, pg_engine: Any, tiny_llama_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    settings = Settings(
+        home=tmp_path / "home", database_url=pg_database,
+        storage_url=(tmp_path / "storage").as_uri(), admin_key=ADMIN_KEY,
+        model=str(tiny_llama_dir),
+    )  # fmt: skip
+    engine = tiny_engine(tiny_llama_dir, tmp_path / "storage")
+    app = create_app(settings, app_state=build_state(settings, engine=engine))
+    with TestClient(app) as client:
+        key = make_tenant(client)
+        exporter.clear()
+        body = {
+            "model": app.state.loramux.base_model_id,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": True,
+        }
+        headers = {"Authorization": f"Bearer {key}", "X-Request-Id": "trace-test-1"}
+        with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            assert r.headers["x-request-id"] == "trace-test-1"
+            chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+        completion = "".join(
+            json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks
+        )
+    spans = [from_sdk(s) for s in exporter.get_finished_spans()]
+    trace = one_connected_trace(spans, "POST /v1/chat/completions")
+    root = only(trace, "POST /v1/chat/completions")
+    assert root.attributes["loramux.request_id"] == "trace-test-1"
+    assert children(trace, root) == [
+        "loramux.admission", "loramux.auth", "loramux.engine.generate", "loramux.usage",
+    ]  # fmt: skip
+    generate = only(trace, "loramux.engine.generate")
+    assert children(trace, generate) == ["loramux.engine.queue"]
+    assert generate.events == ["first_token", "finished"]
+    assert generate.attributes["loramux.finish_reason"] == "length"
+    assert generate.attributes["loramux.output_tokens"] == 12
+    auth = only(trace, "loramux.auth")
+    assert auth.attributes["loramux.authenticated"] is True
+    assert auth.attributes["loramux.tenant_id"] == generate.attributes["loramux.tenant_id"]
+    usage = only(trace, "loramux.usage")
+    assert usage.attributes["loramux.completion_tokens"] == 12
+    assert usage.attributes["loramux.status"] == "ok"
+    assert completion.strip()
+    assert_no_text(trace, PROMPT, key, completion)
+
+
+def test_a_refused_request_is_traced_by_its_error_code(
+    exporter: InMemorySpanExporter, client: TestClient
+) -> None:
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": []},
+        headers={"Authorization": "Bearer lmx_not-a-real-key-000000000000"},
+    )
+    assert response.status_code == 401
+    assert response.headers["x-request-id"].startswith("req_")
+    spans = [from_sdk(s) for s in exporter.get_finished_spans()]
+    trace = one_connected_trace(spans, "POST /v1/chat/completions")
+    auth = only(trace, "loramux.auth")
+    assert auth.attributes["error.type"] == "invalid_api_key"
+    assert_no_text(trace, "lmx_not-a-real-key")
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace endpoint (``POST /v1/traces``, protobuf) keeping what it gets."""
+
+    def __init__(self) -> None:
+        self.spans: list[SpanRecord] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    receiver.spans.extend(from_otlp(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+def test_a_batch_line_continues_the_trace_of_the_batch_create_request(
+    exporter: InMemorySpanExporter, otlp_receiver: OtlpReceiver, redis_url: str,
+    tiny_llama_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    broker = f"{redis_url.rsplit('/', 1)[0]}/{BROKER_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    with fresh_pg_database() as database_url:
+        upgrade(database_url)
+        settings = Settings(
+            home=tmp_path / "home", database_url=database_url, broker_url=broker,
+            storage_url=(tmp_path / "storage").as_uri(), admin_key=ADMIN_KEY,
+            model=str(tiny_llama_dir), batch_poll_s=0.1,
+        )  # fmt: skip
+        engine = tiny_engine(tiny_llama_dir, tmp_path / "storage")
+        app = create_app(settings, app_state=build_state(settings, engine=engine))
+        with serve(app) as base_url:
+            env = {
+                **settings_env(settings.model_copy(update={"engine_url": base_url})),
+                "LORAMUX_OTEL_EXPORTER": "otlp",
+                "LORAMUX_OTEL_ENDPOINT": otlp_receiver.url,
+                "LORAMUX_OTEL_SERVICE_NAME": "loramux-worker",
+                "OTEL_BSP_SCHEDULE_DELAY": "100",  # export each span within 0.1 s
+            }
+            log_path = tmp_path / "worker.log"
+            with log_path.open("wb") as log:
+                worker = subprocess.Popen(
+                    worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=tmp_path,
+                )  # fmt: skip
+            try:
+                run_one_batch_line(base_url, worker, log_path, otlp_receiver)
+            finally:
+                worker.terminate()
+                worker.wait(timeout=30)
+    server_spans = [from_sdk(s) for s in exporter.get_finished_spans()]
+    spans = server_spans + otlp_receiver.spans
+    trace = one_connected_trace(spans, "POST /v1/batches")
+    root = only(trace, "POST /v1/batches")
+    publish = only(trace, "celery.publish loramux.run_batch")
+    assert publish.parent_id == root.span_id
+    task = only(trace, "celery.run loramux.run_batch")
+    assert task.parent_id == publish.span_id and task.service == "loramux-worker"
+    line = only(trace, "loramux.batch.line")
+    assert line.parent_id == task.span_id and line.attributes["loramux.line"] == 0
+    assert children(trace, line) == ["loramux.admission", "loramux.engine.generate"]
+    generate = only(trace, "loramux.engine.generate")
+    assert generate.events == ["first_token", "finished"]
+    # The worker's engine call continues on the API server, which runs the engine.
+    engine_call = only(trace, "POST /internal/engine/generate")
+    assert engine_call.service == "loramux-test"
+    assert engine_call.parent_id == generate.span_id
+    assert_no_text(trace, PROMPT)
+
+
+def run_one_batch_line(
+    base_url: str, worker: subprocess.Popen[bytes], log_path: Path, receiver: OtlpReceiver
+) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while " ready." not in log_path.read_text(errors="replace"):
+        assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        key = make_tenant(client)
+        auth = {"Authorization": f"Bearer {key}"}
+        model = client.get("/v1/models", headers=auth).json()["data"][0]["id"]
+        line = {
+            "custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "max_tokens": 4,
+                     "messages": [{"role": "user", "content": PROMPT}]},
+        }  # fmt: skip
+        uploaded = client.post(
+            "/v1/files", headers=auth, data={"purpose": "batch"},
+            files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n")},
+        )  # fmt: skip
+        assert uploaded.status_code == 200, uploaded.text
+        batch = client.post(
+            "/v1/batches", headers=auth,
+            json={"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions",
+                  "completion_window": "24h"},
+        )  # fmt: skip
+        assert batch.status_code == 200, batch.text
+        while True:
+            status = client.get(f"/v1/batches/{batch.json()['id']}", headers=auth).json()
+            if status["status"] == "completed":
+                assert status["request_counts"]["completed"] == 1, status
+                break
+            assert status["status"] in ("validating", "in_progress", "finalizing"), status
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+    # The task's own span ends after the batch's status is written: wait for it to arrive.
+    while not any(s.name == "celery.run loramux.run_batch" for s in receiver.spans):
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
