@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class EngineStats:
     kv_cache_tokens_total: int = 0  # capacity: blocks times block size
     kv_block_size: int = 0
     kv_blocks_total: int = 0
+    kv_cache_bytes: int = 0  # what the blocks take on the device
     kv_blocks_used: int = 0
     kv_tokens_stored: int = 0  # tokens whose keys and values the running sequences hold
     prefix_cache_queries_tokens_total: int = 0  # tokens of admitted sequences looked up
@@ -46,4 +48,9 @@ class EngineStats:
     num_steps_total: int = 0
     last_step_num_tokens: int = 0  # tokens through the model in the latest step
     last_step_num_sampled: int = 0  # rows through the LM head in the latest step
+    # Requests per fairness key (opaque here; the platform passes its tenant id).
+    num_running_by_key: dict[str, int] = field(default_factory=dict)
+    num_waiting_by_key: dict[str, int] = field(default_factory=dict)
+    # Adapters in device slots: {"slot", "id", "namespace", "pinned"} (AdapterRef's fields).
+    resident_adapters: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)

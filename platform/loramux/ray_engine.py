@@ -209,6 +209,13 @@ def sum_stats(all_stats: list[EngineStats]) -> EngineStats:
                 setattr(total, field.name, getattr(total, field.name) + value)
         for key, value in stats.extra.items():
             total.extra[key] = total.extra.get(key, 0.0) + value
+        for by_key, add in (
+            (total.num_running_by_key, stats.num_running_by_key),
+            (total.num_waiting_by_key, stats.num_waiting_by_key),
+        ):
+            for key, count in add.items():
+                by_key[key] = by_key.get(key, 0) + count
+        total.resident_adapters += stats.resident_adapters
     if all_stats:
         total.kv_block_size = max(s.kv_block_size for s in all_stats)
     if total.kv_blocks_total:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from loramux.db.models import Adapter, AdapterVersion, UsageRecord
-from loramux.db.types import utc_date
+from loramux.db.models import UsageRecord
 
 
 def month_start(now: datetime | None = None) -> datetime:
@@ -45,38 +44,3 @@ def record_usage(session: Session, **fields: Any) -> bool:
             raise
         return False
     return True
-
-
-def usage_by_day(session: Session, tenant_id: str, start: date, end: date) -> list[dict[str, Any]]:
-    """The tenant's totals per UTC day and adapter (the base model as null), start <= day < end."""
-    day = utc_date(UsageRecord.created_at)
-    rows = session.execute(
-        select(
-            day.label("day"),
-            Adapter.name,
-            AdapterVersion.version,
-            func.count(UsageRecord.id),
-            func.sum(UsageRecord.prompt_tokens),
-            func.sum(UsageRecord.completion_tokens),
-        )
-        .outerjoin(AdapterVersion, AdapterVersion.id == UsageRecord.adapter_version_id)
-        .outerjoin(Adapter, Adapter.id == AdapterVersion.adapter_id)
-        .where(UsageRecord.tenant_id == tenant_id)
-        .where(UsageRecord.created_at >= datetime.combine(start, datetime.min.time(), UTC))
-        .where(UsageRecord.created_at < datetime.combine(end, datetime.min.time(), UTC))
-        .group_by(day, Adapter.name, AdapterVersion.version)
-        # NULLs sort last on PostgreSQL and first on SQLite unless told: the base model first.
-        .order_by(day, Adapter.name.nulls_first(), AdapterVersion.version)
-    ).all()
-    return [
-        {
-            "date": str(row[0]),
-            "adapter": row[1],
-            "adapter_version": row[2],
-            "num_requests": int(row[3]),
-            "prompt_tokens": int(row[4] or 0),
-            "completion_tokens": int(row[5] or 0),
-            "total_tokens": int((row[4] or 0) + (row[5] or 0)),
-        }
-        for row in rows
-    ]

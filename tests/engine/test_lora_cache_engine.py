@@ -71,13 +71,24 @@ def test_fewer_slots_than_adapters_evicts_unpinned_only(
     engine = _engine(tiny_llama_dir, tmp_path, DirectorySource(adapters["root"]), max_loras=2)
     for a, ref in enumerate(adapters["refs"]):
         for p, prompt in enumerate(PROMPTS):
-            engine.add_request(f"{a}-{p}", prompt, PARAMS, adapter=ref)
+            engine.add_request(f"{a}-{p}", prompt, PARAMS, fairness_key=f"t{a}", adapter=ref)
+    waiting = engine.stats().num_waiting_by_key
+    assert waiting == {f"t{a}": len(PROMPTS) for a in range(len(adapters["refs"]))}
     got = _run(engine)
     for (a, p), tokens in adapters["expected"].items():
         assert got[f"{a}-{p}"] == tokens
-    extra = engine.stats().extra
+    stats = engine.stats()
+    extra = stats.extra
     assert extra["adapter_cache_device_evictions"] >= 2
     assert extra["adapter_cache_num_resident"] == 2
+    assert stats.num_running_by_key == stats.num_waiting_by_key == {}
+    # which two stay is the LRU's business; each is one of ours, in its own slot, unpinned
+    resident = stats.resident_adapters
+    ids = {ref.id: ref.namespace for ref in adapters["refs"]}
+    assert [r["slot"] for r in resident] == sorted({r["slot"] for r in resident})
+    assert len(resident) == 2 and all(ids[r["id"]] == r["namespace"] for r in resident)
+    assert not any(r["pinned"] for r in resident)
+    assert stats.kv_cache_bytes > 0
     engine.close()
 
 

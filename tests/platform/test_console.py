@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from loramux.api.console import STATIC_DIR
 from loramux.app import build_state, create_app
+from loramux.db.models import UsageRecord
+from loramux.db.session import transaction
 from loramux.settings import Settings
 from loramux_engine.outputs import EngineStats
 from tests.platform.conftest import admin_headers
+from tests.platform.registry_rows import add_adapter_version
 
 ASSETS = ["console.js", "lib.js", "tenants.js", "console.css", "favicon.svg"]
 
@@ -22,6 +27,11 @@ class StubEngine:
     """Just what /admin/api/engine reads of an EngineClient."""
 
     max_model_len = 2048
+
+    def __init__(self) -> None:
+        self.running: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
+        self.resident: list[dict[str, Any]] = []
 
     def start(self) -> None:
         pass
@@ -37,6 +47,9 @@ class StubEngine:
             generation_tokens_per_s=41.5,
             num_generation_tokens_total=900,
             extra={"adapter_cache_device_hits": 7.0, "adapter_cache_loads": 2.0},
+            num_running_by_key=self.running,
+            num_waiting_by_key=self.waiting,
+            resident_adapters=self.resident,
         )
 
 
@@ -133,3 +146,69 @@ def test_engine_status_without_an_engine_is_503_in_openai_shape(client: TestClie
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == "service_unavailable"
     assert "engine" in error["message"]
+
+
+def test_engine_status_names_tenants_adapters_and_recent_minutes(
+    engine_client: TestClient,
+    make_tenant: Callable[..., tuple[dict[str, Any], str]],
+    db: sessionmaker[Session],
+) -> None:
+    acme, _ = make_tenant("acme")
+    globex, _ = make_tenant("globex")
+    now = datetime.now(UTC)
+    with transaction(db) as session:
+        version = add_adapter_version(session, acme["id"], "bot", "a" * 64)
+        session.add_all(
+            UsageRecord(
+                tenant_id=acme["id"],
+                request_id=f"r{i}",
+                endpoint="/v1/completions",
+                prompt_tokens=10,
+                completion_tokens=60,
+                latency_ms=100 * (i + 1),
+                status="ok",
+                created_at=now,
+            )  # fmt: skip
+            for i in range(10)
+        )
+        session.add(
+            UsageRecord(
+                tenant_id=acme["id"],
+                request_id="old",
+                endpoint="/v1/completions",
+                prompt_tokens=1,
+                completion_tokens=1,
+                status="ok",
+                created_at=now - timedelta(hours=1),
+            )  # fmt: skip
+        )
+    engine: StubEngine = engine_client.app.state.loramux.engine  # type: ignore[attr-defined]
+    engine.running = {acme["id"]: 2, globex["id"]: 1}
+    engine.waiting = {globex["id"]: 4}
+    engine.resident = [{"slot": 1, "id": version.id, "namespace": acme["id"], "pinned": True}]
+    body = engine_client.get("/admin/api/engine", headers=admin_headers()).json()
+    assert body["tenants"] == [
+        {"tenant_id": acme["id"], "tenant": "acme", "num_running": 2, "num_waiting": 0},
+        {"tenant_id": globex["id"], "tenant": "globex", "num_running": 1, "num_waiting": 4},
+    ]
+    assert body["resident_adapters"] == [
+        {
+            "slot": 1,
+            "adapter_version_id": version.id,
+            "tenant_id": acme["id"],
+            "tenant": "acme",
+            "adapter": "bot",
+            "version": 1,
+            "pinned": True,
+        }
+    ]
+    assert body["adapter_cache_tiers"]["device"] == {"hits": 7.0}
+    buckets = body["recent"]["buckets"]
+    assert len(buckets) == 15 and [b["start"] % 60 for b in buckets] == [0] * 15
+    # the minute the records were written in (the last, or the one before at a minute's turn)
+    (last,) = [b for b in buckets if b["start"] <= now.timestamp() < b["start"] + 60]
+    assert [b["num_requests"] for b in buckets if b is not last] == [0] * 14
+    assert last["num_requests"] == 10 and last["completion_tokens"] == 600
+    assert last["completion_tokens_per_s"] == 10.0
+    assert (last["latency_p50_ms"], last["latency_p95_ms"]) == (500, 1000)
+    assert buckets[0]["latency_p50_ms"] is None

@@ -8,13 +8,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux.billing import day_start, priced_usage
 from loramux.db.models import UsageRecord
 from loramux.db.session import make_engine, make_session_factory, transaction
-from loramux.usage import month_start, record_usage, tokens_this_month, usage_by_day
+from loramux.usage import month_start, record_usage, tokens_this_month
 from tests.fixtures.services import both_registries
 from tests.platform.registry_rows import add_adapter_version, add_tenant
 
 _request_ids = count()
+BASE_MODEL = "smollm2-135m-instruct"  # what the test app serves, and add_adapter_version's
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -42,10 +44,14 @@ def day_row(day: str, adapter: str | None, num: int, prompt: int, completion: in
         "date": day,
         "adapter": adapter,
         "adapter_version": None if adapter is None else 1,
+        "base_model": BASE_MODEL,
         "num_requests": num,
+        "num_batch_requests": 0,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "cost_micro_usd": 0,  # no price table yet: free
+        "cost_usd": "0.000000",
     }
 
 
@@ -126,7 +132,13 @@ def test_usage_days_are_utc_whatever_the_postgres_session_time_zone(
     engine = make_engine(pg_database, connect_args={"options": "-c timezone=Pacific/Kiritimati"})
     try:
         with make_session_factory(engine)() as session:
-            rows = usage_by_day(session, tenant.id, date(2026, 3, 14), date(2026, 3, 16))
+            lines = priced_usage(
+                session,
+                day_start(date(2026, 3, 14)),
+                day_start(date(2026, 3, 16)),
+                base_model_id=BASE_MODEL,
+                tenant_id=tenant.id,
+            )
     finally:
         engine.dispose()
-    assert [row["date"] for row in rows] == ["2026-03-14"]
+    assert [line.date for line in lines] == [date(2026, 3, 14)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import torch
@@ -332,6 +332,10 @@ class LLMEngine:
             kv_cache_tokens_total=kv_cache.num_blocks * kv_cache.block_size,
             kv_block_size=kv_cache.block_size,
             kv_blocks_total=kv_cache.num_blocks,
+            kv_cache_bytes=kv_cache.num_blocks
+            * kv_cache.block_size
+            * self.model_args.kv_bytes_per_token
+            * self.dtype.itemsize,
             kv_blocks_used=kv_cache.num_used_blocks,
             kv_tokens_stored=kv_cache.tokens_stored(self.scheduler.running),
             prefix_cache_queries_tokens_total=kv_cache.prefix_queries_tokens,
@@ -345,6 +349,9 @@ class LLMEngine:
             num_steps_total=s.num_steps_total,
             last_step_num_tokens=s.last_step_num_tokens,
             last_step_num_sampled=s.last_step_num_sampled,
+            num_running_by_key=dict(Counter(seq.fairness_key for seq in self.scheduler.running)),
+            num_waiting_by_key=dict(Counter(seq.fairness_key for seq in self.scheduler.waiting)),
+            resident_adapters=self.adapters.residents() if self.adapters else [],
             extra={**adapter_cache_stats(self.adapters), **self.threads.stats()},
         )
 

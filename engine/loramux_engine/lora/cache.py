@@ -20,6 +20,7 @@ from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from loramux_engine.lora.adapter import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, parse_adapter
 from loramux_engine.lora.disk import DiskTier
@@ -62,6 +63,7 @@ class AdapterCache:
         self._loader = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="lora-loader")
         # Engine-thread state, keyed by AdapterRef.cache_key.
         self._slots: OrderedDict[str, int] = OrderedDict()  # resident, least recent first
+        self._resident: dict[str, AdapterRef] = {}  # what each slot's key stands for
         self._free_slots = list(range(pool.num_slots - 1, 0, -1))
         self._pins: dict[str, int] = {}
         self._loading: dict[str, tuple[AdapterRef, Future[LoRAAdapter]]] = {}
@@ -188,6 +190,15 @@ class AdapterCache:
         tiers["disk"].update(bytes=self._disk.num_bytes, budget_bytes=self._disk.budget_bytes)
         return tiers
 
+    def residents(self) -> list[dict[str, Any]]:
+        """The adapter in each device slot, by slot (read from any thread: a snapshot)."""
+        slots, refs, pins = list(self._slots.items()), dict(self._resident), set(self._pins)
+        return [
+            {"slot": slot, "id": ref.id, "namespace": ref.namespace, "pinned": key in pins}
+            for key, slot in sorted(slots, key=lambda item: item[1])
+            if (ref := refs.get(key)) is not None
+        ]
+
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
 
@@ -235,10 +246,12 @@ class AdapterCache:
             raise error from cause
         self._count("device", loads=1, load_seconds=time.perf_counter() - start)
         self._slots[key] = slot
+        self._resident[key] = ref
         return True
 
     def _evict_slot(self, key: str) -> None:
         slot = self._slots.pop(key)
+        self._resident.pop(key, None)
         try:
             self.pool.clear(slot)
         finally:

@@ -26,6 +26,7 @@ from loramux.db.scoped import scoped
 from loramux.db.session import transaction
 from loramux.errors import InvalidRequest
 from loramux.jobs.queue import job_queue
+from loramux.state import AppState
 from loramux_engine.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from loramux_engine.lora.ref import AdapterRef
 
@@ -224,15 +225,15 @@ def _refs_to_drop(
     return list(refs.values())
 
 
-async def delete_adapter(request: Request) -> JSONResponse:
-    tenant_id, actor = _tenant(request, "adapters:write")
-    app_state = state(request)
+async def remove_adapter(
+    app_state: AppState, tenant_id: str, name: str, actor: str
+) -> JSONResponse:
+    """Soft-delete the tenant's adapter ``name`` and drop what it held from the engine (the
+    tenant's own route and the admin console's)."""
 
     def run() -> tuple[dict[str, Any], list[AdapterRef]]:
         with transaction(app_state.sessions) as session:
-            adapter, versions = registry.delete_adapter(
-                session, tenant_id, request.path_params["name"], actor=actor
-            )
+            adapter, versions = registry.delete_adapter(session, tenant_id, name, actor=actor)
             view = {"id": adapter.id, "object": "adapter", "name": adapter.name, "deleted": True}
             return view, _refs_to_drop(session, tenant_id, versions)
 
@@ -244,6 +245,11 @@ async def delete_adapter(request: Request) -> JSONResponse:
             except Exception:  # the adapter is deleted either way; the engine's LRU ages it out
                 log.exception("engine could not drop adapter version %s", ref.id)
     return JSONResponse(view)
+
+
+async def delete_adapter(request: Request) -> JSONResponse:
+    tenant_id, actor = _tenant(request, "adapters:write")
+    return await remove_adapter(state(request), tenant_id, request.path_params["name"], actor)
 
 
 routes = [

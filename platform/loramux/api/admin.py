@@ -1,4 +1,5 @@
-"""Admin API: tenants, quotas, keys and the audit log (admin key as Bearer)."""
+"""Admin API: tenants, quotas, keys and the audit log (admin key as Bearer); usage and
+prices, adapters, batches and the engine in the admin_*.py modules beside it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from loramux import tenancy
+from loramux.api import admin_adapters, admin_batches, admin_engine, admin_usage
+from loramux.api.admin_usage import tenant_summaries, unused
 from loramux.api.common import json_object, principal, state
 from loramux.db.models import ApiKey, AuditLog, Tenant
 from loramux.db.session import transaction
@@ -26,12 +29,16 @@ def _page(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def list_tenants(request: Request) -> JSONResponse:
+    """Every tenant with its quotas and, under ``usage``, what it uses of them: adapters,
+    bytes stored, and this month's requests, tokens and cost so far."""
     _admin(request)
+    base_model_id = state(request).base_model_id
 
     def run() -> list[dict[str, Any]]:
         with state(request).sessions() as session:
+            summaries = tenant_summaries(session, base_model_id)
             return [
-                tenancy.tenant_view(t)
+                {**tenancy.tenant_view(t), "usage": summaries.get(t.id, unused())}
                 for t in session.scalars(select(Tenant).order_by(Tenant.name))
             ]
 
@@ -151,6 +158,10 @@ async def audit_log(request: Request) -> JSONResponse:
 
 
 routes = [
+    *admin_usage.routes,
+    *admin_adapters.routes,
+    *admin_batches.routes,
+    *admin_engine.routes,
     Route("/admin/api/tenants", list_tenants, methods=["GET"]),
     Route("/admin/api/tenants", create_tenant, methods=["POST"]),
     Route("/admin/api/tenants/{id}", get_tenant, methods=["GET"]),

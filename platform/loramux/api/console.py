@@ -1,4 +1,4 @@
-"""The admin console: its static single page under /admin/, and the engine status it polls.
+"""The admin console: its static single page under /admin/ (its data: api/admin*.py).
 
 The page is public code; everything it shows comes from /admin/api/*, which needs the admin
 key. The key lives in the browser's sessionStorage and travels only as a Bearer header, never
@@ -8,17 +8,13 @@ and any origin but ours.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from loramux.api.common import principal, state
 
 # The source tree's admin_ui/ folder, found as db/migrate.py finds migrations/.
 STATIC_DIR = Path(__file__).resolve().parents[3] / "admin_ui" / "static"
@@ -73,26 +69,8 @@ async def to_index(_request: Request) -> Response:
     return RedirectResponse("/admin/", status_code=308)
 
 
-async def engine_status(request: Request) -> JSONResponse:
-    principal(request, "admin")
-    engine = state(request).require_engine()
-    # A remote engine answers over HTTP; keep that off the event loop.
-    stats = dataclasses.asdict(await run_in_threadpool(engine.stats))
-    adapter_cache = stats.pop("extra")
-    return JSONResponse(
-        {
-            "object": "engine",
-            "base_model_id": state(request).base_model_id,
-            "max_model_len": engine.max_model_len,
-            "stats": stats,
-            "adapter_cache": adapter_cache,
-        }
-    )
-
-
 routes = [
     Route("/admin", to_index, methods=["GET"]),
     Route("/admin/", index, methods=["GET"]),
     Mount("/admin/static", SecurityHeaders(StaticFiles(directory=STATIC_DIR, check_dir=False))),
-    Route("/admin/api/engine", engine_status, methods=["GET"]),
 ]

@@ -13,11 +13,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from loramux.api.common import json_object, state, tenant_principal
+from loramux.billing import day_start, priced_usage, usage_rows
 from loramux.errors import APIError, InvalidRequest
 from loramux.inference import render
 from loramux.inference.request import GenerationRequest, parse_chat, parse_completion
 from loramux.inference.run import Generation, admit, response_body
-from loramux.usage import usage_by_day
 
 Parser = Callable[[dict[str, Any], Any, Any], GenerationRequest]
 
@@ -161,7 +161,14 @@ async def usage(request: Request) -> JSONResponse:
 
     def run() -> list[dict[str, Any]]:
         with state(request).sessions() as session:
-            return usage_by_day(session, user.tenant_id or "", start, end)
+            lines = priced_usage(
+                session,
+                day_start(start),
+                day_start(end),
+                base_model_id=state(request).base_model_id,
+                tenant_id=user.tenant_id or "",
+            )
+            return usage_rows(lines, with_tenant=False)
 
     return JSONResponse({"object": "list", "data": await run_in_threadpool(run)})
 

@@ -268,6 +268,18 @@ class UsageRecord(Base):
     created_at: Mapped[datetime] = _stamped(index=True)
 
 
+class PriceTable(Base):
+    """One version of the operator's price table (billing.py), in force from ``effective_at``
+    until the next version's; old versions stay so past usage keeps its prices."""
+
+    __tablename__ = "price_tables"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    prices: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(128))
+    effective_at: Mapped[datetime] = _stamped(index=True)
+
+
 class AuditLog(Base):
     """Who did what to which object. Never holds a secret."""
 
@@ -310,6 +322,7 @@ __all__ = [
     "BatchLine",
     "File",
     "IdempotencyKey",
+    "PriceTable",
     "Tenant",
     "UsageRecord",
 ]
