@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
+    # The S3 endpoint as clients reach it, for the presigned URLs handed to them (None:
+    # s3_endpoint_url). The server itself always talks to s3_endpoint_url.
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     redis_url: str | None = None
     broker_url: str | None = None
@@ -116,6 +119,19 @@ class Settings(BaseSettings):
     adapter_validation_max_attempts: int = Field(default=5, ge=1)
     adapter_validation_dispatch_interval_s: float = Field(default=5.0, gt=0)
     broker_timeout_s: float = Field(default=1.0, gt=0)
+    # Merge jobs (POST /v1/adapters/{name}/versions/{v}/merge, adapters/merge_job.py), sent
+    # through an outbox as validations are: an attempt has merge_timeout_s, doubled for each
+    # further one, before it is published again, up to merge_max_attempts, then it fails. A
+    # finished export's presigned download URL (S3) lives merge_download_url_ttl_s.
+    merge_timeout_s: float = Field(default=1800.0, gt=0)
+    merge_max_attempts: int = Field(default=3, ge=1)
+    merge_dispatch_interval_s: float = Field(default=5.0, gt=0)
+    merge_download_url_ttl_s: int = Field(default=3600, ge=1)
+    # A dedicated deployment of one hot adapter (adapters/merged_serving.py):
+    # "<tenant>/<adapter>[@version]" or an adapter version id. The engine loads the base
+    # with that adapter merged (no LoRA cost) and serves only it, to its tenant, under its
+    # name; the base model and every other adapter are refused with a 400.
+    merged_adapter: str | None = None
 
     # Batches: input file limits; the API server a worker reaches the engine through
     # (default http://{host}:{port}, with the admin key); lines in flight per batch (default

@@ -28,6 +28,7 @@ def storage_from_settings(settings: Settings) -> Storage:
             parts.netloc,
             parts.path.strip("/"),
             endpoint_url=settings.s3_endpoint_url,
+            public_endpoint_url=settings.s3_public_endpoint_url,
             region=settings.s3_region,
             max_attempts=settings.s3_max_attempts,
             connect_timeout_s=settings.s3_connect_timeout_s,

@@ -9,6 +9,12 @@ process killed mid-upload leaves one that ``remove_partial_uploads`` aborts late
 Every call is bounded: a connect timeout, a read timeout on every socket read (a stalled
 transfer fails, a long one does not), a few attempts, and no new attempt once a call has
 run ``deadline_s``. A store that is down or hung costs a request seconds, not minutes.
+
+Presigned URLs go to clients, which may reach the store at another address than the server
+does (compose: the server at ``http://minio:9000``, a client at the host's published port).
+The signature covers the host, so a URL cannot be rewritten after signing: with
+``public_endpoint_url`` URLs are signed by a client configured for that endpoint (signing
+makes no request), while every call the server makes goes to ``endpoint_url``.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ class S3Storage(Storage):
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         addressing_style: Literal["auto", "virtual", "path"] = "path",
         part_size: int = 8 * 1024 * 1024,
@@ -117,10 +124,15 @@ class S3Storage(Storage):
             response_checksum_validation="when_required",
         )
         # A private session: boto3's default session is not safe to share across threads.
-        self.client: S3Client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, config=config
-        )
+        session = boto3.session.Session()
+        self.client: S3Client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self.client.meta.events.register("before-send.s3", self._check_deadline)
+        # Signs the URLs handed to clients; it never sends a request.
+        self.presign_client: S3Client = (
+            session.client("s3", endpoint_url=public_endpoint_url, config=config)
+            if public_endpoint_url
+            else self.client
+        )
 
     def _check_deadline(self, request: Any, **_: Any) -> None:
         """Before each attempt: start the call's clock, or stop retrying past its deadline."""
@@ -225,12 +237,16 @@ class S3Storage(Storage):
         if content_length is not None:
             params["ContentLength"] = content_length
         with _s3_errors():
-            return self.client.generate_presigned_url("put_object", params, ExpiresIn=expires_s)
+            return self.presign_client.generate_presigned_url(
+                "put_object", params, ExpiresIn=expires_s
+            )
 
     def presign_get(self, key: str, expires_s: int) -> str:
         params = {"Bucket": self.bucket, "Key": self.object_key(key)}
         with _s3_errors():
-            return self.client.generate_presigned_url("get_object", params, ExpiresIn=expires_s)
+            return self.presign_client.generate_presigned_url(
+                "get_object", params, ExpiresIn=expires_s
+            )
 
     def check(self) -> None:
         with _s3_errors():

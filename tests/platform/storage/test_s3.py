@@ -8,9 +8,11 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
-from loramux.storage import ChecksumMismatch, S3Storage, StorageError
+from loramux.settings import Settings
+from loramux.storage import ChecksumMismatch, S3Storage, StorageError, storage_from_settings
 from tests.fixtures.s3 import TEST_PART_SIZE
 
 
@@ -119,3 +121,50 @@ def test_list_follows_pages(s3_storage: S3Storage) -> None:
         s3_storage.put(key, b"x")
     assert list(s3_storage.list("files/")) == keys
     assert len(pages) == 3 and pages[0] is None and all(pages[1:])
+
+
+def test_presigned_urls_name_the_public_endpoint_and_work_through_it(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    """The server talks to LORAMUX_S3_ENDPOINT_URL; URLs for clients are signed for
+    LORAMUX_S3_PUBLIC_ENDPOINT_URL (the signature covers the host, so it cannot be rewritten).
+
+    The public name here is compose's default, ``localhost`` (MinIO's port published on the
+    host), another host than the server's endpoint. A client that maps it back to the store
+    (a published port, a hosts entry) connects to the store's address with the Host the URL
+    names: the host the signature covers.
+    """
+    server = urlsplit(s3_endpoint)
+    public = f"localhost:{server.port}"
+    settings = Settings(
+        storage_url=f"s3://{s3_bucket}/blobs",
+        s3_endpoint_url=s3_endpoint,
+        s3_public_endpoint_url=f"http://{public}",
+    )
+    storage = storage_from_settings(settings)
+    assert isinstance(storage, S3Storage)
+    storage.put("files/from-server", b"the server's own calls")
+    assert storage.client.meta.endpoint_url == s3_endpoint  # the server's calls: not public
+
+    def mapped_back(url: str) -> tuple[str, dict[str, str]]:
+        parts = urlsplit(url)
+        assert parts.netloc == public
+        return parts._replace(netloc=server.netloc).geturl(), {"Host": parts.netloc}
+
+    body = b"weights from outside"
+    url, headers = mapped_back(storage.presign_put("files/from-client", 60, len(body)))
+    assert httpx.put(url, content=body, headers=headers, timeout=10).status_code == 200
+    assert storage.get_bytes("files/from-client", expected_sha256=None) == body
+    url, headers = mapped_back(storage.presign_get("files/from-server", 60))
+    fetched = httpx.get(url, headers=headers, timeout=10)
+    assert fetched.status_code == 200 and fetched.content == b"the server's own calls"
+
+
+def test_without_a_public_endpoint_urls_name_the_servers_endpoint(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    storage = storage_from_settings(
+        Settings(storage_url=f"s3://{s3_bucket}", s3_endpoint_url=s3_endpoint)
+    )
+    url = urlsplit(storage.presign_put("files/a", 60))
+    assert f"{url.scheme}://{url.netloc}" == s3_endpoint
