@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from loramux import openapi
+from loramux.adapters.merge_outbox import MergeOutbox
 from loramux.adapters.outbox import ValidationOutbox
 from loramux.api import (
     adapters,
@@ -25,6 +26,7 @@ from loramux.api import (
     files,
     health,
     inference,
+    merges,
     model_list,
 )
 from loramux.auth.backend import ApiKeyBackend, on_auth_error
@@ -88,13 +90,20 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
         # published now and every few seconds; a broker that is down delays them only.
         outbox = ValidationOutbox.from_settings(app_state.sessions, settings)
         dispatch = asyncio.create_task(outbox.dispatch_forever())
+        # Merge jobs due (just requested, or lost with a worker): the same pattern.
+        merge_outbox = MergeOutbox.from_settings(app_state.sessions, settings)
+        merge_dispatch = asyncio.create_task(merge_outbox.dispatch_forever())
         try:
             yield
         finally:
             outbox.stop()
+            merge_outbox.stop()
             dispatch.cancel()
+            merge_dispatch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatch
+            with contextlib.suppress(asyncio.CancelledError):
+                await merge_dispatch
             replay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await replay
@@ -111,6 +120,7 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
             *model_list.routes,
             *inference.routes,
             *adapters.routes,
+            *merges.routes,
             *files.routes,
             *batches.routes,
             *admin.routes,

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from loramux import tenancy
 from loramux.adapters.config_check import ConfigSummary
 from loramux.audit import record
-from loramux.db.models import Adapter, AdapterVersion, Tenant
+from loramux.db.models import Adapter, AdapterMerge, AdapterVersion, Tenant
 from loramux.db.scoped import scoped
 from loramux.errors import InvalidRequest, NotFound, PermissionDenied
 from loramux.storage import adapter_key
@@ -94,14 +94,22 @@ def list_versions(session: Session, tenant_id: str, name: str) -> list[dict[str,
 
 
 def storage_used(session: Session, tenant_id: str) -> int:
-    """Bytes of the tenant's live adapters' versions; rejected ones hold no storage."""
+    """Bytes of the tenant's live adapters' versions (rejected ones hold no storage) and of
+    their merged models (adapters/merge.py: a failed merge holds none)."""
     used = session.scalar(
         select(func.coalesce(func.sum(AdapterVersion.size_bytes), 0))
         .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
         .where(AdapterVersion.tenant_id == tenant_id, Adapter.deleted_at.is_(None))
         .where(AdapterVersion.status != "rejected")
     )
-    return int(used or 0)
+    merged = session.scalar(
+        select(func.coalesce(func.sum(AdapterMerge.size_bytes), 0))
+        .join(AdapterVersion, AdapterVersion.id == AdapterMerge.adapter_version_id)
+        .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+        .where(AdapterMerge.tenant_id == tenant_id, Adapter.deleted_at.is_(None))
+        .where(AdapterMerge.status != "failed")
+    )
+    return int(used or 0) + int(merged or 0)
 
 
 def check_quotas(session: Session, tenant: Tenant, name: str, size_bytes: int) -> None:

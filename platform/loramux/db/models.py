@@ -149,6 +149,48 @@ class AdapterVersion(Base):
     validation_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class AdapterMerge(Base):
+    """A merge job: one adapter version folded into the base model (adapters/merge_job.py).
+
+    One per version and base model; a second request returns it. While ``queued`` or
+    ``running`` the row is the job's outbox, as a validating version is
+    (adapters/merge_outbox.py): its message went out ``attempts`` times, and the dispatcher
+    acts again at ``due_at``. ``size_bytes`` counts against the tenant's storage quota: the
+    export's size once succeeded, the estimate reserved before, 0 once failed.
+    """
+
+    __tablename__ = "adapter_merges"
+    __table_args__ = (
+        UniqueConstraint("adapter_version_id", "base_model_id"),
+        Index(
+            "ix_adapter_merges_pending_due",
+            "due_at",
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mrg_"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    adapter_version_id: Mapped[str] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="CASCADE")
+    )
+    base_model_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), server_default="queued")
+    progress: Mapped[float] = mapped_column(default=0.0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    # The export's content address: merges/<sha256>/<file name> in storage.
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # [{"name", "size_bytes", "sha256"}] once succeeded.
+    files: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = _stamped()
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class AdapterUpload(Base):
     """An adapter upload in flight; while pending and unexpired it leases its blobs.
 
@@ -312,6 +354,7 @@ class IdempotencyKey(Base):
 
 __all__ = [
     "Adapter",
+    "AdapterMerge",
     "AdapterUpload",
     "AdapterVersion",
     "ApiKey",

@@ -8,6 +8,8 @@ from sqlalchemy.exc import OperationalError
 
 from loramux.adapters.base_shape import base_model_shape
 from loramux.adapters.cleanup import run_cleanup
+from loramux.adapters.merge_job import run_merge
+from loramux.adapters.merge_outbox import MERGE_TASK
 from loramux.adapters.validation_job import validate_version
 from loramux.jobs.app import app
 from loramux.jobs.config import CLEANUP_ORPHANED_BLOBS, VALIDATE_ADAPTER_VERSION
@@ -39,3 +41,9 @@ def validate_adapter_version(version_id: str) -> str | None:
 def cleanup_orphaned_blobs() -> dict[str, Any]:
     context = worker_context()
     return run_cleanup(context.sessions, context.storage, context.settings).as_dict()
+
+
+@app.task(name=MERGE_TASK, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5)
+def merge_adapter_version(merge_id: str) -> str | None:
+    context = worker_context()
+    return run_merge(context.sessions, context.storage, context.settings, merge_id)
