@@ -28,6 +28,9 @@ class EngineConfig:
     num_threads: int | None = None
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
     cpu_onednn_matmul: bool = True  # projections through oneDNN on CPU in fp32 (layers/linear.py)
+    # Decode steps replayed from CUDA graphs, one per batch-size bucket (engine/cuda_graphs.py);
+    # on CUDA with the Triton kernels only, ignored elsewhere.
+    cuda_graphs: bool = True
     # Multi-LoRA: an AdapterSource (lora/source.py) turns it on; without one, a request
     # naming an adapter is refused.
     adapter_source: object | None = None

@@ -224,6 +224,121 @@ def lora_hostile_case() -> Result:
     return {"out": y[others], "expected": expected[others], "hostile": y[5:8]}
 
 
+def lora_fixed_case() -> Result:
+    """A CUDA graph's batch (engine/cuda_graphs.py): the tile table padded with (0, 0, 0)
+    rows to a fixed length, padded tokens on slot 0, weights of slots not in the step."""
+    from loramux_engine.kernels import triton_lora
+
+    slot_ids = [3, 3, 0, 5, 1, 1, 1, 6] + [0] * 5  # 8 tokens, then 5 padding rows
+    stack = make_stack(40, 72, torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(len(slot_ids), 40, generator=gen).to(DEVICE)
+    y = torch.randn(len(slot_ids), 72, generator=gen).to(DEVICE)
+    expected = y.clone()
+    segments = LoRABatch.build(slot_ids, DEVICE, "sgmv").segments
+    ops.sgmv(expected, x, stack, segments)
+    work = triton_lora.tile_list(segments)
+    table = torch.tensor(work + [(0, 0, 0)] * (len(slot_ids) - len(work)), dtype=torch.int32)
+    batch = LoRABatch.fixed(torch.tensor(slot_ids, device=DEVICE), table.to(DEVICE))
+    assert not batch.empty
+    ops.add_lora(y, x, stack, batch)
+    return {"out": y, "expected": expected}
+
+
+def attention_fixed_layout_case() -> Result:
+    """A graph's decode rows: tables at a fixed stride, padding rows on a scratch block."""
+    from loramux_engine.kernels import triton_attention
+
+    heads, kv_heads, head_dim, block_size, stride = 8, 2, 32, 4, 6
+    seqs = [(10, 1), (0, 1), (22, 1), (3, 1)]  # decode tokens at positions 10, 0, 22, 3
+    tables, num_blocks, _, _, lens = make_step(seqs, block_size, seed=9)
+    scratch = num_blocks  # one block past the others
+    lengths = [start + n for start, n in seqs]
+    k_cache, v_cache = (
+        make_cache(
+            tables, lengths, kv_heads, head_dim, num_blocks + 1, block_size, torch.float32, s
+        )
+        for s in (1, 2)
+    )
+    k_cache[:, scratch * block_size] = 0.5  # the padding rows' one key
+    v_cache[:, scratch * block_size] = 0.25
+    num_rows = 7  # 4 tokens, 3 padding rows
+    block_ids = torch.full((num_rows, stride), scratch, dtype=torch.long)
+    for i, table in enumerate(tables):
+        block_ids[i, : len(table)] = torch.tensor(table)
+    starts = torch.arange(num_rows) * stride
+    all_lens = torch.cat([lens.cpu(), torch.ones(num_rows - len(seqs), dtype=torch.long)])
+    block_ids, starts, all_lens = (t.to(DEVICE) for t in (block_ids.view(-1), starts, all_lens))
+    q = torch.randn(num_rows, heads, head_dim, generator=torch.Generator().manual_seed(3))
+    q = q.to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    triton_attention.paged_attention(
+        q, k_cache, v_cache, block_ids, starts, all_lens, block_size, scale, out
+    )
+    expected = triton_attention.paged_attention_ref(
+        q, k_cache, v_cache, block_ids, starts, all_lens, block_size, scale
+    )
+    return {"out": out, "expected": expected}
+
+
+# -- fused elementwise kernels ------------------------------------------------------------
+
+
+def rms_norm_case(num_tokens: int, hidden: int, residual: bool, dtype: torch.dtype) -> Result:
+    from loramux_engine.kernels import triton_fused
+
+    gen = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(num_tokens, hidden, generator=gen) * 3).to(dtype=dtype, device=DEVICE)
+    res = torch.randn(num_tokens, hidden, generator=gen).to(dtype=dtype, device=DEVICE)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype=dtype, device=DEVICE)
+    args = (x, weight, 1e-5, res if residual else None)
+    out, stream = triton_fused.rms_norm(*args)
+    expected, expected_stream = triton_fused.rms_norm_ref(*args)
+    return {"out": out, "expected": expected, "stream": stream, "expected_stream": expected_stream}
+
+
+def silu_case(num_tokens: int, width: int, dtype: torch.dtype) -> Result:
+    from loramux_engine.kernels import triton_fused
+
+    gen = torch.Generator().manual_seed(width)
+    gate = (torch.randn(num_tokens, width, generator=gen) * 4).to(dtype=dtype, device=DEVICE)
+    up = torch.randn(num_tokens, width, generator=gen).to(dtype=dtype, device=DEVICE)
+    out = triton_fused.silu_and_mul(gate, up)
+    return {"out": out, "expected": triton_fused.silu_and_mul_ref(gate, up)}
+
+
+def rotary_case(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> Result:
+    from loramux_engine.kernels import triton_fused
+    from loramux_engine.layers.rotary_embedding import RotaryEmbedding, rope_inv_freq
+
+    rope = RotaryEmbedding(rope_inv_freq(head_dim, 10000.0, {}, 300, 300), 300).to(DEVICE)
+    gen = torch.Generator().manual_seed(head_dim)
+    positions = torch.tensor([0, 1, 299, 17, 17, 5, 128], device=DEVICE)
+    q = torch.randn(len(positions), heads * head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    kv = torch.randn(len(positions), 2 * kv_heads * head_dim, generator=gen)
+    k = kv.to(dtype=dtype, device=DEVICE)[:, : kv_heads * head_dim]  # a strided view
+    q, k = q.view(len(positions), heads, head_dim), k.view(len(positions), kv_heads, head_dim)
+    q_out, k_out = triton_fused.rotary(positions, q, k, rope.cos_sin)
+    q_ref, k_ref = triton_fused.rotary_ref(positions, q, k, rope.cos_sin)
+    return {"out": torch.cat([q_out.flatten(), k_out.flatten()]),
+            "expected": torch.cat([q_ref.flatten(), k_ref.flatten()])}  # fmt: skip
+
+
+FUSED_CASES: dict[str, Callable[[], Result]] = {
+    "rms-norm-37": functools.partial(rms_norm_case, 5, 37, False, torch.float32),
+    "rms-norm-residual-100": functools.partial(rms_norm_case, 7, 100, True, torch.float32),
+    "rms-norm-residual-576": functools.partial(rms_norm_case, 3, 576, True, torch.float32),
+    "rms-norm-residual-low": functools.partial(rms_norm_case, 4, 96, True, LOW_PRECISION),
+    "rms-norm-low": functools.partial(rms_norm_case, 4, 130, False, LOW_PRECISION),
+    "silu-1500": functools.partial(silu_case, 3, 1500, torch.float32),
+    "silu-low-77": functools.partial(silu_case, 5, 77, LOW_PRECISION),
+    "rotary-9-3-64": functools.partial(rotary_case, 9, 3, 64, torch.float32),
+    "rotary-5-1-24": functools.partial(rotary_case, 5, 1, 24, torch.float32),
+    "rotary-7-7-40-low": functools.partial(rotary_case, 7, 7, 40, LOW_PRECISION),
+}
+
+
 CASES: dict[str, Callable[[], Result]] = {
     **{
         "attention-{}-{}-{}-bs{}-m{}".format(*c): functools.partial(
@@ -237,6 +352,9 @@ CASES: dict[str, Callable[[], Result]] = {
     "lora-96-24": functools.partial(lora_case, 96, 24, torch.float32),
     "lora-low-precision": functools.partial(lora_case, 64, 80, LOW_PRECISION),
     "lora-hostile": lora_hostile_case,
+    "lora-fixed-tiles": lora_fixed_case,
+    "attention-fixed-layout": attention_fixed_layout_case,
+    **FUSED_CASES,
 }
 
 
@@ -306,10 +424,26 @@ def test_lora_matches_sgmv(results: dict[str, Result | str], name: str) -> None:
     torch.testing.assert_close(r["out"], r["expected"], rtol=rtol, atol=atol)
 
 
+def test_lora_fixed_tiles_match_sgmv(results: dict[str, Result | str]) -> None:
+    r = result(results, "lora-fixed-tiles")
+    torch.testing.assert_close(r["out"], r["expected"], rtol=1e-4, atol=1e-5)
+
+
 def test_lora_hostile_slot_stays_in_its_tokens(results: dict[str, Result | str]) -> None:
     r = result(results, "lora-hostile")
     assert not r["hostile"].isfinite().all()  # the slot did overflow
     torch.testing.assert_close(r["out"], r["expected"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_kernel_matches_reference(results: dict[str, Result | str], name: str) -> None:
+    r = result(results, name)
+    if r["out"].dtype == torch.float32:
+        torch.testing.assert_close(r["out"], r["expected"], rtol=1e-5, atol=1e-5)
+    else:  # a last-bit difference before a rounding may move the result by one step
+        torch.testing.assert_close(r["out"].float(), r["expected"].float(), rtol=1e-2, atol=1e-2)
+    if "stream" in r:  # the residual stream is the same sum, rounded the same way
+        assert torch.equal(r["stream"], r["expected_stream"])
 
 
 def test_lora_tiles_cut_runs() -> None:
@@ -350,7 +484,7 @@ _COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from loramux_engine.kernels import triton_attention, triton_lora
+    from loramux_engine.kernels import triton_attention, triton_fused, triton_lora
 
     def build(fn, ptrs, constexprs):
         signature = {}
@@ -360,7 +494,7 @@ _COMPILE = textwrap.dedent(
             elif name.endswith("_ptr"):
                 signature[name] = ptrs[name]
             else:
-                signature[name] = "fp32" if name == "scale_log2" else "i32"
+                signature[name] = "fp32" if name in ("scale_log2", "eps") else "i32"
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         return {"name": fn.fn.__name__, "shared": kernel.metadata.shared,
@@ -383,14 +517,31 @@ _COMPILE = textwrap.dedent(
                       DOT_PRECISION=precision)
         results.append(build(
             triton_lora._shrink_kernel,
-            dict(x_ptr=ptr, a_ptr=ptr, scale_ptr=ptr, h_ptr="*fp32", tiles_ptr="*i32"),
+            dict(x_ptr=ptr, a_ptr=ptr, scale_ptr=ptr, h_ptr="*fp32", tiles_ptr="*i32",
+                 ranks_ptr="*i32"),
             dict(common, BLOCK_K=triton_lora.BLOCK_K),
         ))
         results.append(build(
             triton_lora._expand_kernel,
-            dict(h_ptr="*fp32", b_ptr=ptr, y_ptr=ptr, tiles_ptr="*i32"),
+            dict(h_ptr="*fp32", b_ptr=ptr, y_ptr=ptr, tiles_ptr="*i32", ranks_ptr="*i32"),
             dict(common, BLOCK_N=triton_lora.BLOCK_N),
         ))
+    bf16 = "*bf16"
+    results.append(build(
+        triton_fused._rms_norm_kernel,
+        dict(x_ptr=bf16, residual_ptr=bf16, weight_ptr=bf16, out_ptr=bf16, residual_out_ptr=bf16),
+        dict(HAS_RESIDUAL=True, BLOCK=4096),
+    ))
+    results.append(build(
+        triton_fused._silu_and_mul_kernel, dict(gate_ptr=bf16, up_ptr=bf16, out_ptr=bf16),
+        dict(BLOCK=triton_fused.SILU_BLOCK),
+    ))
+    results.append(build(
+        triton_fused._rotary_kernel,
+        dict(positions_ptr="*i64", cos_sin_ptr="*fp32", q_ptr=bf16, k_ptr=bf16, q_out_ptr=bf16,
+             k_out_ptr=bf16),
+        dict(HALF=64, HALF_PAD=64, HEADS_PAD=32, KV_HEADS_PAD=8),
+    ))
     json.dump(results, sys.stdout)
     """
 )
@@ -412,7 +563,7 @@ def test_kernels_compile_for_hopper() -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     compiled = json.loads(done.stdout)
-    assert len(compiled) == 7
+    assert len(compiled) == 10
     for kernel in compiled:
         assert kernel["cubin"] > 0, kernel
         assert kernel["shared"] <= HOPPER_SHARED_BYTES, kernel

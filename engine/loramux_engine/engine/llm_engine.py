@@ -88,6 +88,8 @@ class LLMEngine:
             self.device,
             config.cpu_decode_kernel,
             config.cpu_onednn_matmul,
+            max_num_seqs=config.max_num_seqs,
+            cuda_graphs=config.cuda_graphs,
             merged_adapter=(
                 read_adapter_for_model(
                     config.model_dir, config.merged_adapter, config.max_lora_rank

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from loramux_engine.engine.cuda_graphs import DecodeGraphs
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.kernels import decode_attention
 from loramux_engine.layers.attention import attention_backend
@@ -35,6 +36,8 @@ class ModelRunner:
         cpu_decode_kernel: bool = True,
         cpu_onednn_matmul: bool = True,
         merged_adapter: LoRAAdapter | None = None,
+        max_num_seqs: int = 64,
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -47,14 +50,17 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Linear):
                     module.pack_for_onednn()
-        # kv_cache: [num_layers, 2, kv_heads, num_blocks * block_size, head_dim], allocated
-        # once; block b holds rows [b * block_size, (b + 1) * block_size)
+        # kv_cache: [num_layers, 2, kv_heads, (num_blocks + 1) * block_size, head_dim],
+        # allocated once; block b holds rows [b * block_size, (b + 1) * block_size). Block
+        # num_blocks is scratch, never handed out: padded rows of a CUDA graph write there.
         self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_cache = torch.zeros(
             args.num_layers,
             2,
             args.num_kv_heads,
-            num_blocks * block_size,
+            (num_blocks + 1) * block_size,
             args.head_dim,
             dtype=dtype,
             device=device,
@@ -80,6 +86,27 @@ class ModelRunner:
             attn.block_size = block_size
             attn.decode_kernel = kernel
             attn.triton_kernel = triton_kernel
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.attention_backend == "triton":  # on CUDA only
+            self.decode_graphs = self.make_decode_graphs(max_num_seqs, capture=True)
+        logger.info("CUDA graphs for decode: %s", "on" if self.decode_graphs else "off")
+
+    def make_decode_graphs(self, max_num_seqs: int, capture: bool) -> DecodeGraphs:
+        """Decode steps over static buffers (engine/cuda_graphs.py); ``capture=False`` runs
+        them eagerly, which works with the CPU kernel too (tests)."""
+        if self.attention_backend == "sdpa":
+            raise ValueError("static decode steps need an attention kernel over block tables")
+        return DecodeGraphs(
+            self.model,
+            self.block_size,
+            self.max_blocks_per_seq,
+            self.scratch_block,
+            max_num_seqs,
+            self.device,
+            self.dtype,
+            capture,
+            triton_lora=self.attention_backend == "triton",
+        )
 
     def attach_lora(self, pool: LoRASlotPool) -> None:
         """Point every adaptable projection at its stack in the pool (done once, at build)."""
@@ -148,6 +175,12 @@ class ModelRunner:
         A row whose logits are not finite gets ``SampledToken.failed`` instead; anything
         that raises is the caller's to isolate (``step_isolation``).
         """
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.accepts(seqs):  # one token per sequence, all sampled
+            logits = graphs.run(seqs)
+            if logits is not None:
+                tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+                return list[SampledToken | None](tokens)
         ends = [s.num_computed_tokens + s.num_scheduled_tokens == len(s) for s in seqs]
         input_ids, positions, sample_rows = self._prepare(seqs)
         try:

@@ -8,6 +8,7 @@ Shape::
 
     x: [num_tokens, in]   y: [num_tokens, out]
     a: [num_slots, max_rank, in]   b_t: [num_slots, max_rank, out]   scale: [num_slots]
+    ranks: [num_slots] int32, each slot's rank (0: the slot adapts nothing here)
     tiles: [num_tiles, 3] int32 (slot, start, end): the step's runs of one slot, cut into
     pieces of at most TILE_TOKENS tokens (``tiles``), built once per step
 
@@ -15,9 +16,13 @@ A tile's tokens share one slot, so a program reads that slot's A or B rows once 
 of them (punica's SGMV, vLLM's Triton port); slot 0 tokens are in no tile and cost
 nothing. Shrink writes ``h = scale * x @ A[slot, :rank].T`` in fp32 for each tile's tokens,
 rank blocks of 16 spread over programs; expand adds ``h @ b_t[slot, :rank]`` into y,
-column blocks of y spread over programs. ``rank`` is the largest rank among the step's
-slots: rows of A and B past a slot's own rank are zero (the pool's invariant), so they
-add nothing. Deterministic: no atomics, each element of h and y written by one program.
+column blocks of y spread over programs. Each program reads its slot's own rank from
+``ranks`` (on the device) and does nothing past it, so the grid depends only on the
+number of tiles and the pool's max_rank, never on which adapters a step holds: a CUDA
+graph captured once serves every mix (engine/cuda_graphs.py). For the same reason a tile
+(0, 0, 0), or any tile of slot 0, returns at once: a graph's tile table is padded with
+them. Rows of A and B past a slot's rank are zero (the pool's invariant) and are not
+read. Deterministic: no atomics, each element of h and y written by one program.
 
 Not yet measured on a GPU: tile sizes are a starting point, and the fused q/k/v and
 gate/up launches the issue asks for wait on that measurement.
@@ -44,8 +49,8 @@ def _shrink_kernel(
     scale_ptr,
     h_ptr,
     tiles_ptr,
+    ranks_ptr,
     in_features,
-    rank,
     stride_xt,
     stride_as,
     stride_ar,
@@ -57,11 +62,15 @@ def _shrink_kernel(
 ):
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot)
+    r0 = tl.program_id(1) * BLOCK_R
+    if r0 >= rank:  # slot 0, a padding tile, or ranks this slot does not have
+        return
     start = tl.load(tiles_ptr + tile * 3 + 1)
     end = tl.load(tiles_ptr + tile * 3 + 2)
     t = start + tl.arange(0, BLOCK_T)
     t_mask = t < end
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = r0 + tl.arange(0, BLOCK_R)
     r_mask = r < rank
     k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + slot * stride_as
@@ -92,8 +101,8 @@ def _expand_kernel(
     b_ptr,
     y_ptr,
     tiles_ptr,
+    ranks_ptr,
     out_features,
-    rank,
     stride_ht,
     stride_bs,
     stride_br,
@@ -105,6 +114,9 @@ def _expand_kernel(
 ):
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot)
+    if rank == 0:  # slot 0, a padding tile, or a slot that does not adapt this projection
+        return
     start = tl.load(tiles_ptr + tile * 3 + 1)
     end = tl.load(tiles_ptr + tile * 3 + 2)
     t = start + tl.arange(0, BLOCK_T)
@@ -133,14 +145,18 @@ def _expand_kernel(
     tl.store(y_ptrs, (ys.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def tiles(segments: Sequence[tuple[int, int, int]], device: torch.device | str) -> torch.Tensor:
-    """The kernels' work list: (slot, start, end) runs cut into pieces of TILE_TOKENS."""
-    pieces = [
+def tile_list(segments: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(slot, start, end) runs cut into pieces of at most TILE_TOKENS tokens."""
+    return [
         (slot, lo, min(lo + TILE_TOKENS, end))
         for slot, start, end in segments
         for lo in range(start, end, TILE_TOKENS)
     ]
-    return torch.tensor(pieces, dtype=torch.int32).view(-1, 3).to(device)
+
+
+def tiles(segments: Sequence[tuple[int, int, int]], device: torch.device | str) -> torch.Tensor:
+    """The kernels' work list [num_tiles, 3] int32 on the device (``tile_list``)."""
+    return torch.tensor(tile_list(segments), dtype=torch.int32).view(-1, 3).to(device)
 
 
 def add_lora(
@@ -149,11 +165,15 @@ def add_lora(
     a: torch.Tensor,
     b_t: torch.Tensor,
     scale: torch.Tensor,
+    ranks: torch.Tensor,
     work: torch.Tensor,
-    rank: int,
 ) -> None:
-    """y += each tile's LoRA delta, in place (module docstring); ``work`` from ``tiles``."""
-    if rank == 0 or work.shape[0] == 0:
+    """y += each tile's LoRA delta, in place (module docstring); ``work`` from ``tiles``.
+
+    Launches depend on shapes only (tiles, max_rank, features): no host sync, capturable.
+    """
+    max_rank = a.shape[1]
+    if max_rank == 0 or work.shape[0] == 0:
         return
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -162,14 +182,15 @@ def add_lora(
     num_tiles = work.shape[0]
     in_features, out_features = x.shape[1], y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    h = torch.empty(x.shape[0], rank, dtype=torch.float32, device=x.device)
-    _shrink_kernel[(num_tiles, triton.cdiv(rank, RANK_BLOCK))](
-        x, a, scale, h, work, in_features, rank,
+    # Columns past a tile's slot rank are never written and never read.
+    h = torch.empty(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(num_tiles, triton.cdiv(max_rank, RANK_BLOCK))](
+        x, a, scale, h, work, ranks, in_features,
         x.stride(0), a.stride(0), a.stride(1), h.stride(0),
         BLOCK_T=TILE_TOKENS, BLOCK_R=RANK_BLOCK, BLOCK_K=BLOCK_K, DOT_PRECISION=precision,
     )  # fmt: skip
     _expand_kernel[(num_tiles, triton.cdiv(out_features, BLOCK_N))](
-        h, b_t, y, work, out_features, rank,
+        h, b_t, y, work, ranks, out_features,
         h.stride(0), b_t.stride(0), b_t.stride(1), y.stride(0),
         BLOCK_T=TILE_TOKENS, BLOCK_R=RANK_BLOCK, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
     )  # fmt: skip

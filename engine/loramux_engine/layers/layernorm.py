@@ -1,9 +1,15 @@
-"""RMSNorm, computed in float32 as the reference implementation does."""
+"""RMSNorm, computed in float32 as the reference implementation does.
+
+``add_and_norm`` also adds the residual stream first, as the decoder layers need before
+each norm; on CUDA both are one Triton launch (kernels/triton_fused.py), elsewhere torch.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from loramux_engine.kernels.triton_support import use_triton
 
 
 class RMSNorm(nn.Module):
@@ -14,7 +20,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, hidden]
+        if use_triton(x.device.type):
+            from loramux_engine.kernels import triton_fused
+
+            return triton_fused.rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the normed input of the next block and the
+        residual stream it adds to. x, residual: [num_tokens, hidden]."""
+        if use_triton(x.device.type):
+            from loramux_engine.kernels import triton_fused
+
+            return triton_fused.rms_norm(x, self.weight, self.eps, residual)
+        x = x + residual
+        return self.forward(x), x

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from loramux_engine.errors import ModelLoadError
+from loramux_engine.kernels.triton_support import use_triton
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch.Tensor:
@@ -60,6 +61,10 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; q: [num_tokens, heads, dim]; k: [num_tokens, kv_heads, dim]
+        if use_triton(q.device.type):  # one launch for q and k (kernels/triton_fused.py)
+            from loramux_engine.kernels import triton_fused
+
+            return triton_fused.rotary(positions, q, k, self.cos_sin)
         cos_sin = self.cos_sin[positions].unsqueeze(2)
         cos, sin = cos_sin[:, 0], cos_sin[:, 1]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -121,6 +121,7 @@ class LoRAStack:
     scale: torch.Tensor  # [num_slots]
     ranks: list[int] = field(init=False)
     rank_ids: torch.Tensor = field(init=False)  # [num_slots] int64 on CPU: the runs kernel's
+    slot_ranks: torch.Tensor = field(init=False)  # [num_slots] int32 on the device: Triton's
     scales: list[float] = field(init=False)
     shrink: list[torch.Tensor | None] = field(init=False)  # [in, rank] views
     expand: list[torch.Tensor | None] = field(init=False)  # [rank, out] views
@@ -129,6 +130,7 @@ class LoRAStack:
         num_slots = self.a.shape[0]
         self.ranks = [0] * num_slots
         self.rank_ids = torch.zeros(num_slots, dtype=torch.int64)
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int32, device=self.a.device)
         self.scales = [0.0] * num_slots
         self.shrink = [None] * num_slots
         self.expand = [None] * num_slots
@@ -136,6 +138,7 @@ class LoRAStack:
     def set_slot(self, slot: int, rank: int, scale: float) -> None:
         self.ranks[slot] = rank
         self.rank_ids[slot] = rank
+        self.slot_ranks[slot] = rank
         self.scales[slot] = scale
         self.scale[slot] = scale
         self.shrink[slot] = self.a[slot, :rank].T if rank else None
@@ -156,10 +159,18 @@ class LoRABatch:
     sgmv_segments: tuple[tuple[int, int, int], ...] = ()
     runs: torch.Tensor | None = None  # [num_runs, 3] (slot, start, end) for "runs", on CPU
     tiles: torch.Tensor | None = None  # [num_tiles, 3] int32 for "triton", on the device
+    # Set by ``fixed``: the tiles are a buffer filled before each replay of a CUDA graph.
+    fixed_tiles: bool = False
 
     @property
     def empty(self) -> bool:
-        return not self.segments
+        return not self.segments and not self.fixed_tiles
+
+    @classmethod
+    def fixed(cls, slot_ids: torch.Tensor, tiles: torch.Tensor) -> LoRABatch:
+        """A "triton" batch over buffers a CUDA graph reads (engine/cuda_graphs.py): which
+        runs they hold is only known when the graph replays, so none are recorded here."""
+        return cls(slot_ids, (), (), "triton", tiles=tiles, fixed_tiles=True)
 
     @classmethod
     def build(
@@ -256,8 +267,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, batch: LoRABatc
         from loramux_engine.kernels import triton_lora
 
         assert batch.tiles is not None
-        rank = max(stack.ranks[slot] for slot in batch.slots)
-        triton_lora.add_lora(y, x, stack.a, stack.b_t, stack.scale, batch.tiles, rank)
+        triton_lora.add_lora(y, x, stack.a, stack.b_t, stack.scale, stack.slot_ranks, batch.tiles)
 
 
 def sgmv(

@@ -1,0 +1,171 @@
+"""Decode steps over the static, bucket-padded buffers of engine/cuda_graphs.py.
+
+On a CPU the static-buffer step runs eagerly (``capture=False``) with the C attention
+kernel, which reads the same per-token block tables as the Triton kernel: tokens and
+logits must equal the plain path's for mixed adapters, ragged lengths and every bucket.
+With CUDA the same checks run with graphs captured and replayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramux_engine import EngineConfig, LLMEngine, SamplingParams
+from loramux_engine.engine.cuda_graphs import DecodeGraphs, buckets, is_decode_step, slot_runs
+from loramux_engine.engine.sequence import Sequence
+from loramux_engine.lora import AdapterRef, DirectorySource
+from tests.engine.peft_reference import load_base, publish_dir, save_random_adapter
+
+CUDA = torch.cuda.is_available()
+ADAPTERS = [
+    {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+    {"r": 64, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    {"r": 3, "lora_alpha": 6, "target_modules": ["o_proj", "gate_proj", "up_proj"]},
+]
+PROMPT_LENS = [1, 5, 17, 16, 33, 2, 40]  # ragged, across block boundaries (block size 4)
+
+
+def test_buckets() -> None:
+    assert buckets(1) == [1]
+    assert buckets(2) == [1, 2]
+    assert buckets(16) == [1, 2, 4, 8, 16]
+    assert buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_slot_runs_leave_out_slot_zero() -> None:
+    assert slot_runs([]) == []
+    assert slot_runs([0, 0]) == []
+    assert slot_runs([2, 2, 0, 1, 1, 1, 2, 0]) == [(2, 0, 2), (1, 3, 6), (2, 6, 7)]
+
+
+def test_only_pure_decode_steps_qualify() -> None:
+    params = SamplingParams()
+    decode = Sequence("a", [1, 2, 3], params, 10)
+    decode.num_computed_tokens, decode.num_scheduled_tokens = 2, 1
+    prompt = Sequence("b", [1, 2, 3], params, 10)
+    prompt.num_computed_tokens, prompt.num_scheduled_tokens = 0, 3
+    chunk = Sequence("c", [1, 2, 3], params, 10)  # one token of a prompt, not its last
+    chunk.num_computed_tokens, chunk.num_scheduled_tokens = 1, 1
+    assert is_decode_step([decode])
+    assert not is_decode_step([])
+    assert not is_decode_step([decode, prompt])
+    assert not is_decode_step([decode, chunk])
+
+
+@pytest.fixture(scope="module")
+def adapters(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[AdapterRef | None]]:
+    tmp = tmp_path_factory.mktemp("graph-adapters")
+    base = load_base(tiny_llama_dir)
+    refs: list[AdapterRef | None] = [None]
+    for i, lora in enumerate(ADAPTERS, start=1):
+        adapter_dir, base = save_random_adapter(base, tmp / f"a{i}", seed=i, std=0.3, **lora)
+        refs.append(publish_dir(tmp / "source", adapter_dir, f"adapter-{i}"))
+    return tmp / "source", refs
+
+
+def make_engine(model_dir: Path, source: Path, device: str, **overrides: object) -> LLMEngine:
+    config = EngineConfig(
+        str(model_dir),
+        device=device,
+        dtype="float32",
+        max_num_seqs=8,
+        max_model_len=128,
+        kv_block_size=4,
+        max_num_batched_tokens=64,
+        max_loras=len(ADAPTERS),
+        adapter_source=DirectorySource(source),
+        **overrides,  # type: ignore[arg-type]
+    )
+    return LLMEngine(config)
+
+
+def run_steps(engine: LLMEngine, refs: list[AdapterRef | None]) -> dict[str, list[int]]:
+    """Requests joining one per step (so decode batches of 1 to 7 rows occur), greedy."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [[3 + (i * 11 + j * 7) % 250 for j in range(n)] for i, n in enumerate(PROMPT_LENS)]
+    got: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished():
+        if pending:
+            i, prompt = pending.pop(0)
+            engine.add_request(str(i), prompt, params, adapter=refs[i % len(refs)])
+        for out in engine.step():
+            assert out.error is None, out.error
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return got
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(
+    tiny_llama_dir: Path, adapters: tuple[Path, list[AdapterRef | None]]
+) -> dict[str, list[int]]:
+    source, refs = adapters
+    engine = make_engine(tiny_llama_dir, source, "cpu", cuda_graphs=False)
+    assert engine.runner.decode_graphs is None
+    try:
+        return run_steps(engine, refs)
+    finally:
+        engine.close()
+
+
+def static_engine(model_dir: Path, source: Path, device: str) -> tuple[LLMEngine, DecodeGraphs]:
+    engine = make_engine(model_dir, source, device)
+    if device == "cuda":
+        graphs = engine.runner.decode_graphs
+        assert graphs is not None and graphs.capture
+    else:
+        assert engine.runner.decode_graphs is None  # cuda_graphs is ignored on a CPU
+        graphs = engine.runner.make_decode_graphs(engine.config.max_num_seqs, capture=False)
+        engine.runner.decode_graphs = graphs
+    return engine, graphs
+
+
+DEVICES = ["cpu", *(["cuda"] if CUDA else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_decode_equals_plain_path(
+    tiny_llama_dir: Path,
+    adapters: tuple[Path, list[AdapterRef | None]],
+    plain_tokens: dict[str, list[int]],
+    device: str,
+) -> None:
+    """Tokens equal the plain engine's; each decode step's logits equal the plain path's
+    on the same step (``runner.logits``, never through the static buffers)."""
+    source, refs = adapters
+    engine, graphs = static_engine(tiny_llama_dir, source, device)
+    steps: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    num_slots: list[int] = []
+    run = graphs.run
+
+    def checked_run(seqs: Seq[Sequence]) -> torch.Tensor | None:
+        expected = engine.runner.logits(list(seqs))  # rewrites the same keys and values first
+        logits = run(seqs)
+        assert logits is not None
+        steps.append((len(seqs), expected.cpu(), logits.float().cpu()))
+        num_slots.append(len({s.adapter_slot for s in seqs}))
+        return logits
+
+    graphs.run = checked_run  # type: ignore[method-assign]
+    try:
+        got = run_steps(engine, refs)
+    finally:
+        engine.close()
+    assert got == plain_tokens
+    sizes = [n for n, _, _ in steps]
+    assert {graphs.bucket(n) for n in sizes} == {1, 2, 4, 8}  # every bucket, padded in some
+    assert any(graphs.bucket(n) != n for n in sizes)
+    assert max(sizes) == len(PROMPT_LENS)
+    assert max(num_slots) == len(ADAPTERS) + 1  # the base and every adapter in one step
+    for _, expected, logits in steps:
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    if device == "cuda":
+        assert graphs.enabled and graphs.num_captures >= 4
+        assert graphs.num_replays == len(steps)
