@@ -53,11 +53,15 @@ class RayEngineClient:
         max_model_len: int,
         *,
         replica_wait_s: float,
+        route_by_adapter: bool = True,
     ) -> None:
+        """``route_by_adapter=False`` sends no multiplexed model id: Serve's plain routing,
+        each replica loading whatever adapter it gets (the comparison ``bench scale`` makes)."""
         self.handle = handle
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.replica_wait_s = replica_wait_s
+        self.route_by_adapter = route_by_adapter
         self._replicas: dict[str, tuple[float, EngineStats]] = {}
         self._drops: set[asyncio.Task[None]] = set()
 
@@ -94,7 +98,7 @@ class RayEngineClient:
         adapter: AdapterRef | None = None,
     ) -> AsyncIterator[RequestOutput]:
         options: dict[str, Any] = {"stream": True}
-        if adapter is not None:
+        if adapter is not None and self.route_by_adapter:
             options["multiplexed_model_id"] = adapter.id
         response = cast(
             DeploymentResponseGenerator[Any],
@@ -176,6 +180,23 @@ class RayEngineClient:
 
     def replica_stats(self) -> dict[str, EngineStats]:
         return {replica_id: stats for replica_id, (_, stats) in self._replicas.items()}
+
+    async def poll_replica_stats(
+        self, num_replicas: int, attempts: int = 200
+    ) -> dict[str, EngineStats]:
+        """Each replica's stats now, asked until ``num_replicas`` have answered.
+
+        A call without a model id goes to any replica, so it is repeated until every one
+        has been reached; the answers are noted for ``stats()`` too.
+        """
+        states: dict[str, EngineStats] = {}
+        for _ in range(attempts):
+            state = await self.handle.replica_stats.remote()
+            self._note(state.replica_id, state.stats)
+            states[state.replica_id] = state.stats
+            if len(states) >= num_replicas:
+                return states
+        raise RuntimeError(f"{len(states)} of {num_replicas} engine replicas answered")
 
     def start(self) -> None:
         pass
