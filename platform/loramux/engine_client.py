@@ -101,7 +101,11 @@ class InProcessEngineClient:
         self.engine.shutdown()
 
 
-def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineConfig:
+def engine_config_from_settings(
+    settings: Settings, storage: Storage, merged_adapter: Path | None = None
+) -> EngineConfig:
+    """``merged_adapter``: an adapter directory the engine merges into the base and serves
+    alone (adapters/merged_serving.py), with no adapter source."""
     from loramux.base_models import resolve_model
 
     return EngineConfig(
@@ -114,7 +118,8 @@ def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineC
         enable_prefix_caching=settings.engine_prefix_caching,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
         num_threads=settings.engine_num_threads,
-        adapter_source=StorageAdapterSource(storage),
+        adapter_source=StorageAdapterSource(storage) if merged_adapter is None else None,
+        merged_adapter=str(merged_adapter) if merged_adapter is not None else None,
         max_loras=settings.engine_max_loras,
         # uploads are validated against max_lora_rank; the engine's pool holds at least 64
         max_lora_rank=max(settings.max_lora_rank, 64),
@@ -125,6 +130,8 @@ def engine_config_from_settings(settings: Settings, storage: Storage) -> EngineC
     )
 
 
-def engine_client_from_settings(settings: Settings, storage: Storage) -> EngineClient:
-    config = engine_config_from_settings(settings, storage)
+def engine_client_from_settings(
+    settings: Settings, storage: Storage, merged_adapter: Path | None = None
+) -> EngineClient:
+    config = engine_config_from_settings(settings, storage, merged_adapter)
     return InProcessEngineClient(AsyncLLMEngine.from_config(config))

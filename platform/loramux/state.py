@@ -17,6 +17,7 @@ from loramux.settings import Settings
 from loramux.storage import Storage
 
 if TYPE_CHECKING:  # the in-process client imports torch, which an API-only process skips
+    from loramux.adapters.merged_serving import MergedServing
     from loramux.engine_client import EngineClient
 
 
@@ -31,6 +32,8 @@ class AppState:
     limiter: RateLimiter
     # None when this process serves no engine.
     engine: EngineClient | None = None
+    # The one adapter version a merged deployment serves (LORAMUX_MERGED_ADAPTER).
+    merged: MergedServing | None = None
     # Run when the app shuts down (e.g. stopping the embedded Celery worker).
     shutdown_hooks: list[Callable[[], None]] = field(default_factory=list)
     # Ends the requests still in flight when the shutdown grace runs out.

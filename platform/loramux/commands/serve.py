@@ -16,6 +16,11 @@ from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from loramux import tenancy
+from loramux.adapters.merged_serving import (
+    MergedAdapterError,
+    MergedServing,
+    merged_adapter_from_settings,
+)
 from loramux.app import build_state, create_app
 from loramux.base_models import ModelError
 from loramux.db.migrate import upgrade
@@ -112,12 +117,21 @@ def main(args: argparse.Namespace) -> int:
 
         return serve_on_ray(settings)
     storage = storage_from_settings(settings)
+    merged: MergedServing | None = None
     try:
-        engine = _engine_client(settings, storage)
-    except (ModelError, EngineConfigError, ModelLoadError, ImportError) as error:
+        if settings.merged_adapter is not None:  # a dedicated deployment of one adapter
+            merged, adapter_dir = merged_adapter_from_settings(settings, storage)
+            engine = engine_client_from_settings(settings, storage, merged_adapter=adapter_dir)
+            print(f"serving {merged.adapter_name} v{merged.version} merged", file=sys.stderr)
+        else:
+            engine = _engine_client(settings, storage)
+    except (
+        ModelError, EngineConfigError, ModelLoadError, ImportError, MergedAdapterError
+    ) as error:  # fmt: skip
         print(f"error: cannot start the engine: {error}", file=sys.stderr)
         return 1
     app_state = build_state(settings, storage=storage, engine=engine)
+    app_state.merged = merged
     if settings.broker_url is None:
         # The embedded default: a worker of our own on the SQLite broker, stopped with us.
         worker = EmbeddedWorker(settings)

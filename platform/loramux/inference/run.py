@@ -21,6 +21,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from loramux import telemetry
+from loramux.adapters.merged_serving import resolve_served_model
 from loramux.db.models import Tenant
 from loramux.drain import ShuttingDown
 from loramux.engine_client import INTERACTIVE_PRIORITY, EngineClient
@@ -28,7 +29,7 @@ from loramux.errors import APIError, InvalidRequest, ServiceUnavailable, depende
 from loramux.inference import render
 from loramux.inference.request import SEED_LIMIT, GenerationRequest
 from loramux.limits import Admission, Limits
-from loramux.resolve import ResolvedModel, resolve_model
+from loramux.resolve import ResolvedModel
 from loramux.state import AppState
 from loramux.usage import record_usage, tokens_this_month
 from loramux.usage_spool import spool_for
@@ -324,7 +325,9 @@ async def admit(
         if spool.pending():  # journalled usage counts against the quota before admitting
             spool.replay(app_state.sessions)
         with app_state.sessions() as session:
-            resolved = resolve_model(session, tenant_id, request.model, app_state.base_model_id)
+            resolved = resolve_served_model(
+                session, tenant_id, request.model, app_state.base_model_id, app_state.merged
+            )
             tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id)).one()
             quota = tenant.monthly_token_quota
             limits = Limits(
