@@ -7,6 +7,7 @@ but the scale-from-zero ones, which deploy an engine of their own with no replic
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 import warnings
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 ray = pytest.importorskip("ray")
@@ -24,6 +26,7 @@ serve = pytest.importorskip("ray.serve")
 
 from loramux import tenancy  # noqa: E402
 from loramux.db.migrate import upgrade  # noqa: E402
+from loramux.db.models import UsageRecord  # noqa: E402
 from loramux.db.session import transaction  # noqa: E402
 from loramux.engine_client import (  # noqa: E402
     InProcessEngineClient,
@@ -52,7 +55,8 @@ from tests.platform.conftest import ADMIN_KEY  # noqa: E402
 from tests.platform.registry_rows import add_adapter_version  # noqa: E402
 
 APP = "loramux-test"
-NUM_ADAPTERS = 4
+NUM_ADAPTERS = 8
+NUM_ROUTED_REQUESTS = 200
 MISSING_SHA = "0" * 64
 
 
@@ -222,13 +226,7 @@ async def _until_routed(client: RayEngineClient, adapter: AdapterRef, replica_id
 
 async def _replica_states(client: RayEngineClient) -> dict[str, EngineStats]:
     """Both engine replicas' stats, asked until each has answered (calls go anywhere)."""
-    states: dict[str, EngineStats] = {}
-    for _ in range(200):
-        state = await client.handle.replica_stats.remote()
-        states[state.replica_id] = state.stats
-        if len(states) == 2:
-            return states
-    raise AssertionError("one engine replica never answered")
+    return await client.poll_replica_stats(2)
 
 
 PROMPT = list(range(10, 40))
@@ -252,27 +250,69 @@ async def test_stream_equals_the_local_engine(
 async def test_adapter_requests_go_to_the_replica_holding_the_adapter(
     deployed: RayEngineClient, adapters: list[AdapterRef]
 ) -> None:
-    """Each adapter is loaded by one replica only: Serve routes by its version id.
+    """Two engine replicas, 8 adapters, 200 requests: each adapter is loaded by one replica
+    only, and at least 90% of requests find it held by the replica that takes them.
 
-    The same requests without the id (Serve's plain routing), for adapters the replicas
-    have not seen (another namespace: other cache keys), load them on both replicas. Each
-    replica's stats come back with every request it serves, so the sums are current.
+    From the replicas' own cache counters: a device miss is a request whose replica did not
+    hold its adapter; every adapter is new here (a namespace of this test: other cache keys),
+    so each needs one miss at least, and exactly one means it was loaded on one replica. The
+    first request of each names the replica Serve chose; once Serve routes the adapter
+    there (a replica reports what it holds every tenth of a second), the rest go in rounds
+    of one request per adapter, all at once.
+
+    The same requests without the model id (Serve's plain routing), for adapters the
+    replicas have not seen either, load them on both replicas.
     """
-    for adapter in adapters:
+    fresh = [AdapterRef(f"affine_{a.id}", a.sha256, "tenant-affine") for a in adapters]
+    before = await _counters(deployed)
+    for adapter in fresh:
         holder = await _served_by(deployed, f"first-{adapter.id}", adapter)
         await _until_routed(deployed, adapter, holder)
-    for round_ in range(10):
-        for i, adapter in enumerate(adapters):
-            await _run(deployed, f"route-{round_}-{i}", PROMPT, 2, adapter)
-    assert len(deployed.replica_stats()) == 2  # the adapters went to both replicas
-    routed = _device_loads(deployed)
-    assert routed == NUM_ADAPTERS  # 44 requests, one cold load per adapter
+    rounds = (NUM_ROUTED_REQUESTS - NUM_ADAPTERS) // NUM_ADAPTERS
+    for round_ in range(rounds):
+        await asyncio.gather(
+            *(
+                _run(deployed, f"route-{round_}-{i}", PROMPT, 2, adapter)
+                for i, adapter in enumerate(fresh)
+            )
+        )
+    requests = NUM_ADAPTERS * (1 + rounds)
+    assert requests == NUM_ROUTED_REQUESTS
+    routed = _minus(await _counters(deployed), before)
+    assert len(deployed.replica_stats()) == 2  # both replicas took requests
+    assert routed["adapter_cache_device_misses"] == NUM_ADAPTERS  # one replica each
+    assert routed["adapter_cache_device_loads"] == NUM_ADAPTERS
+    assert (requests - routed["adapter_cache_device_misses"]) / requests >= 0.9
 
     unrouted = [AdapterRef(f"nx_{a.id}", a.sha256, "tenant-b") for a in adapters]
-    for round_ in range(10):
-        for i, adapter in enumerate(unrouted):
-            await _run(_Unrouted(deployed), f"unrouted-{round_}-{i}", PROMPT, 2, adapter)
-    assert _device_loads(deployed) - routed > NUM_ADAPTERS + 1
+    plain = RayEngineClient(
+        deployed.handle,
+        deployed.tokenizer,
+        deployed.max_model_len,
+        replica_wait_s=deployed.replica_wait_s,
+        route_by_adapter=False,
+    )
+    before = await _counters(deployed)
+    for round_ in range(5):
+        await asyncio.gather(
+            *(
+                _run(plain, f"unrouted-{round_}-{i}", PROMPT, 2, adapter)
+                for i, adapter in enumerate(unrouted)
+            )
+        )
+    loads = _minus(await _counters(deployed), before)["adapter_cache_device_loads"]
+    assert loads > NUM_ADAPTERS + 1  # some loaded on both replicas
+
+
+async def _counters(client: RayEngineClient) -> dict[str, float]:
+    """Both engine replicas' adapter cache counters, summed."""
+    states = await client.poll_replica_stats(2)
+    names = {name for s in states.values() for name in s.extra if name.startswith("adapter_")}
+    return {name: sum(s.extra.get(name, 0.0) for s in states.values()) for name in names}
+
+
+def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {name: value - before.get(name, 0.0) for name, value in after.items()}
 
 
 async def test_a_deleted_adapter_is_dropped_by_the_replica_holding_it(
@@ -292,36 +332,6 @@ async def test_a_deleted_adapter_is_dropped_by_the_replica_holding_it(
             break
         await asyncio.sleep(0.05)
     assert await resident() == before - 1
-
-
-@dataclass
-class _Unrouted:
-    """A client calling the engine deployment with no multiplexed model id."""
-
-    client: RayEngineClient
-
-    async def generate(self, *args: Any, **kwargs: Any) -> Any:
-        self.client.handle, handle = _NoModelId(self.client.handle), self.client.handle
-        try:
-            async for out in self.client.generate(*args, **kwargs):
-                yield out
-        finally:
-            self.client.handle = handle
-
-
-@dataclass
-class _NoModelId:
-    handle: Any
-
-    def options(self, **options: Any) -> Any:
-        options.pop("multiplexed_model_id", None)
-        return self.handle.options(**options)
-
-
-def _device_loads(client: RayEngineClient) -> float:
-    return sum(
-        s.extra.get("adapter_cache_device_loads", 0.0) for s in client.replica_stats().values()
-    )
 
 
 async def test_leaving_a_stream_aborts_the_request_in_the_replica(
@@ -521,25 +531,62 @@ async def test_scale_from_zero_waits_for_a_replica_then_back_to_zero(
     assert _num_replicas(app) == 0
 
 
-async def test_a_replica_killed_mid_stream_fails_that_stream_cleanly(
-    deployed: RayEngineClient, adapters: list[AdapterRef]
+async def test_a_replica_killed_mid_stream_fails_that_stream_and_bills_it_once(
+    ray_session: int,
+    deployed: RayEngineClient,
+    db: sessionmaker[Session],
+    adapters: list[AdapterRef],
 ) -> None:
-    """In-band for that stream, and only that one: the next request finds a live replica.
+    """Through the API: that stream ends in-band with a clean 503 event, the next request
+    succeeds, and the registry holds exactly one usage record per request, the failed
+    stream's with the tokens it had when its replica died.
 
-    220 tokens take the tiny model over a second; the error arrives within milliseconds.
+    The killed replica is the one holding the tenant's adapter, named by a first request
+    for it. Its weights are the "good" adapter's, on which this prompt runs all 200 tokens
+    (no EOS): over a second on the tiny model, while the error arrives within milliseconds.
     """
-    adapter = AdapterRef("av_doomed", adapters[3].sha256, "tenant-d")
+    tenant_id, key = _tenant(db, "ray-killed")
+    with transaction(db) as session:
+        version_id = add_adapter_version(session, tenant_id, "doomed", adapters[0].sha256).id
+    adapter = AdapterRef(version_id, adapters[0].sha256, namespace=tenant_id)  # as resolved
     victim = await _served_by(deployed, "first-doomed", adapter)
     await _until_routed(deployed, adapter, victim)
-    params = SamplingParams(max_tokens=220, temperature=0.0, ignore_eos=True)
-    stream = deployed.generate("doomed", PROMPT, params, fairness_key="tenant-a", adapter=adapter)
-    await anext(stream)
-    name = f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#{victim}"
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    with pytest.raises(ServiceUnavailable) as caught:
-        async for _ in stream:
-            pass
-    assert caught.value.code == "engine_unavailable"
-    assert "SERVE_REPLICA" not in caught.value.message
-    outputs = await _run(deployed, "after", PROMPT, 4, adapter)
-    assert len(_tokens(outputs)) == 4
+
+    body = {"model": "doomed", "prompt": "hi", "max_tokens": 200, "temperature": 0}
+    events: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{ray_session}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as client:
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                events.append(json.loads(line.removeprefix("data: ")))
+                if len(events) == 1:  # the stream is running on the victim: kill it
+                    name = f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#{victim}"
+                    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        after = await client.post("/v1/completions", json={**body, "max_tokens": 4})
+    assert after.status_code == 200
+
+    error = events[-1]["error"]
+    assert error["code"] == "engine_unavailable"
+    assert "SERVE_REPLICA" not in error["message"]
+    chunks = events[:-1]
+    assert all("error" not in chunk for chunk in chunks)
+    assert 1 <= len(chunks) < body["max_tokens"]  # it ended early, and only once
+
+    with db() as session:
+        rows = session.scalars(select(UsageRecord).where(UsageRecord.tenant_id == tenant_id)).all()
+    by_request = {row.request_id: row for row in rows}
+    assert len(rows) == len(by_request) == 2  # one record per request
+    failed, ok = by_request[chunks[0]["id"]], by_request[after.json()["id"]]
+    assert failed.status == "error"
+    assert failed.adapter_version_id == version_id
+    # Billed for the tokens generated before the replica died (each chunk carries one
+    # step's output), not for max_tokens, and not again.
+    assert 1 <= failed.completion_tokens < body["max_tokens"]
+    assert failed.completion_tokens >= len(chunks)
+    assert (ok.status, ok.completion_tokens) == ("ok", after.json()["usage"]["completion_tokens"])
