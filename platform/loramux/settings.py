@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # The engine's CPU threads; None: one per CPU it may use (affinity, cgroup quota), fewer
     # while other processes keep some of those CPUs busy.
     engine_num_threads: int | None = Field(default=None, ge=1)
+    # Decode steps replayed from CUDA graphs, one per batch-size bucket (on CUDA with the
+    # Triton kernels only; ignored elsewhere).
+    engine_cuda_graphs: bool = True
     # Multi-LoRA: device slots for resident adapters (the engine's pool also holds ranks up
     # to max_lora_rank), and the adapter cache's byte budgets; the disk tier defaults to
     # home/adapter-cache.

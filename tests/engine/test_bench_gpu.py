@@ -116,7 +116,7 @@ def test_quick_cpu_run_writes_the_contract_json(tmp_path: Path) -> None:
     assert report["shapes"]["llama3-8b"] == {"skipped": "runs on CUDA only, not on cpu"}
 
     systems = report["systems"]
-    names = ("engine", "engine_lora", "transformers", "peft")
+    names = ("engine", "engine_lora", "engine_eager", "transformers", "peft")
     assert set(systems) == {f"smollm2-135m/{name}" for name in names}
     for system in systems.values():
         assert system["ttft_p95_s"] >= system["ttft_p50_s"] > 0
@@ -136,6 +136,7 @@ def test_quick_cpu_run_writes_the_contract_json(tmp_path: Path) -> None:
         "lora_vs_base": tokens_per_s("engine_lora") / tokens_per_s("engine"),
         "lora_vs_peft": tokens_per_s("engine_lora") / tokens_per_s("peft"),
         "decode_vs_bandwidth_bound": decode["bound_s"] / decode["measured_s"],
+        "graphs_vs_eager": tokens_per_s("engine") / tokens_per_s("engine_eager"),
     }
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
 
@@ -159,6 +160,9 @@ def test_quick_cpu_run_writes_the_contract_json(tmp_path: Path) -> None:
     bound_s = decode["num_steps"] * bytes_read / decode["bandwidth_bytes_per_s"]
     assert math.isclose(decode["bound_s"], bound_s)
     assert shape["attention_backend"] == "sdpa"  # bf16 on a CPU: no C kernel, no Triton
+    graphs = shape["cuda_graphs"]  # none on a CPU: both runs eager
+    assert (graphs["enabled"], graphs["num_captures"], graphs["num_replays"]) == (False, 0, 0)
+    assert graphs["decode_step_p50_s"] > 0 and graphs["eager_decode_step_p50_s"] > 0
     assert set(shape["seconds"]) == {
         "model",
         "transformers",

@@ -20,7 +20,6 @@ from loramux_engine.engine.sequence import Sequence
 from loramux_engine.lora import AdapterRef, DirectorySource
 from tests.engine.peft_reference import load_base, publish_dir, save_random_adapter
 
-CUDA = torch.cuda.is_available()
 ADAPTERS = [
     {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
     {"r": 64, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "down_proj"]},
@@ -127,10 +126,6 @@ def static_engine(model_dir: Path, source: Path, device: str) -> tuple[LLMEngine
     return engine, graphs
 
 
-DEVICES = ["cpu", *(["cuda"] if CUDA else [])]
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_static_decode_equals_plain_path(
     tiny_llama_dir: Path,
     adapters: tuple[Path, list[AdapterRef | None]],

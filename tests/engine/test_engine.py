@@ -20,9 +20,11 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5 + (i * 7 + j * 13) % 250 for j in range(n)] for i, n in enumerate([3, 40, 17, 90])]
 
 
-def test_greedy_equals_transformers_generate(tiny_engine: LLMEngine, tiny_llama_dir: Path) -> None:
+def test_greedy_equals_transformers_generate(
+    device_engine: LLMEngine, tiny_llama_dir: Path
+) -> None:
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    outputs = tiny_engine.generate(PROMPTS, GREEDY)
+    outputs = device_engine.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outputs, strict=True):
         with torch.no_grad():
             ids = reference.generate(

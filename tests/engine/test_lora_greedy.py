@@ -42,7 +42,12 @@ ADAPTERS: list[dict[str, Any]] = [
 
 
 def _check_mixed_batch(
-    model_dir: Path, tmp_path: Path, prompts: list[list[int]], std: float, max_new_tokens: int
+    model_dir: Path,
+    tmp_path: Path,
+    prompts: list[list[int]],
+    std: float,
+    max_new_tokens: int,
+    device: str,
 ) -> None:
     base = load_base(model_dir)
     root = tmp_path / "source"
@@ -62,6 +67,7 @@ def _check_mixed_batch(
     engine = LLMEngine(
         EngineConfig(
             str(model_dir),
+            device=device,
             dtype="float32",
             max_model_len=256,
             max_num_batched_tokens=96,
@@ -90,16 +96,16 @@ def _check_mixed_batch(
         assert got[key] == tokens, f"adapter {key[0]}, prompt {key[1]}"
 
 
-def test_mixed_adapters_equal_peft_tiny(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_mixed_adapters_equal_peft_tiny(tiny_llama_dir: Path, tmp_path: Path, device: str) -> None:
     prompts = [[5 + (i * 7 + j * 13) % 250 for j in range(n)] for i, n in enumerate([3, 21, 40])]
-    _check_mixed_batch(tiny_llama_dir, tmp_path, prompts, std=0.3, max_new_tokens=10)
+    _check_mixed_batch(tiny_llama_dir, tmp_path, prompts, std=0.3, max_new_tokens=10, device=device)
 
 
 @pytest.mark.slow
-def test_mixed_adapters_equal_peft_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
+def test_mixed_adapters_equal_peft_smollm2(smollm2_dir: Path, tmp_path: Path, device: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     texts = ["The capital of France is", "def fibonacci(n):\n    "]
     prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    _check_mixed_batch(smollm2_dir, tmp_path, prompts, std=0.1, max_new_tokens=8)
+    _check_mixed_batch(smollm2_dir, tmp_path, prompts, std=0.1, max_new_tokens=8, device=device)

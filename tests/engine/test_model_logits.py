@@ -14,14 +14,21 @@ import torch
 from transformers import LlamaForCausalLM
 
 from loramux_engine import EngineConfig, LLMEngine, SamplingParams
+from tests.engine.conftest import DEVICES
 
 PROMPT_LENS = [40, 13, 70, 1]
 NUM_CONTINUATION = 6
 
 
-def _check_against_transformers(model_dir: Path, cpu_decode_kernel: bool = True) -> None:
+def _check_against_transformers(
+    model_dir: Path, cpu_decode_kernel: bool = True, device: str = "cpu"
+) -> None:
     config = EngineConfig(
-        str(model_dir), max_num_batched_tokens=32, cpu_decode_kernel=cpu_decode_kernel
+        str(model_dir),
+        device=device,
+        dtype="float32",
+        max_num_batched_tokens=32,
+        cpu_decode_kernel=cpu_decode_kernel,
     )
     engine = LLMEngine(config)
     reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -39,7 +46,7 @@ def _check_against_transformers(model_dir: Path, cpu_decode_kernel: bool = True)
     checked = 0
     while scheduler.running or scheduler.waiting:
         seqs = scheduler.schedule()
-        logits = engine.runner.logits(seqs)
+        logits = engine.runner.logits(seqs).cpu()
         row, next_tokens = 0, []
         for seq in seqs:
             start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
@@ -55,13 +62,25 @@ def _check_against_transformers(model_dir: Path, cpu_decode_kernel: bool = True)
     assert checked == sum(PROMPT_LENS) + len(PROMPT_LENS) * (NUM_CONTINUATION - 1)
 
 
-@pytest.mark.parametrize("cpu_decode_kernel", [True, False], ids=["kernel", "sdpa"])
-def test_logits_match_transformers(tiny_llama_dir: Path, cpu_decode_kernel: bool) -> None:
-    _check_against_transformers(tiny_llama_dir, cpu_decode_kernel)
+# (device, cpu_decode_kernel): the CPU with its C kernel and with SDPA; CUDA when present
+BACKENDS = [("cpu", True), ("cpu", False), *[(d, True) for d in DEVICES if d != "cpu"]]
 
 
-def test_untied_lm_head_matches_transformers(make_tiny_llama: Callable[..., Path]) -> None:
-    _check_against_transformers(make_tiny_llama(seed=1, tie_word_embeddings=False))
+@pytest.mark.parametrize(
+    ("device", "cpu_decode_kernel"),
+    BACKENDS,
+    ids=[d if d != "cpu" else ("cpu-kernel" if k else "cpu-sdpa") for d, k in BACKENDS],
+)
+def test_logits_match_transformers(
+    tiny_llama_dir: Path, device: str, cpu_decode_kernel: bool
+) -> None:
+    _check_against_transformers(tiny_llama_dir, cpu_decode_kernel, device)
+
+
+def test_untied_lm_head_matches_transformers(
+    make_tiny_llama: Callable[..., Path], device: str
+) -> None:
+    _check_against_transformers(make_tiny_llama(seed=1, tie_word_embeddings=False), device=device)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +98,6 @@ def test_untied_lm_head_matches_transformers(make_tiny_llama: Callable[..., Path
     ids=["linear", "llama3"],
 )
 def test_rope_scaling_matches_transformers(
-    make_tiny_llama: Callable[..., Path], rope_scaling: dict[str, object]
+    make_tiny_llama: Callable[..., Path], rope_scaling: dict[str, object], device: str
 ) -> None:
-    _check_against_transformers(make_tiny_llama(rope_scaling=rope_scaling))
+    _check_against_transformers(make_tiny_llama(rope_scaling=rope_scaling), device=device)

@@ -29,10 +29,14 @@ TEXTS = [
 
 
 @pytest.mark.slow
-def test_greedy_tokens_equal_transformers(smollm2_dir: Path) -> None:
+def test_greedy_tokens_equal_transformers(smollm2_dir: Path, device: str) -> None:
     engine = LLMEngine(
         EngineConfig(
-            str(smollm2_dir), dtype="float32", max_model_len=512, max_num_batched_tokens=96
+            str(smollm2_dir),
+            device=device,
+            dtype="float32",
+            max_model_len=512,
+            max_num_batched_tokens=96,
         )
     )
     tokenizer = engine.tokenizer

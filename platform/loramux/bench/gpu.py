@@ -13,9 +13,11 @@ triton, transformers, peft, safetensors and numpy, plus cachetools carried as a 
   submitted to the engine at once; transformers and PEFT generate them as one batch of 64.
 
 Systems per shape: engine (no adapters), engine_lora (request i on adapter i mod 16, all
-resident; the same engine), transformers (``generate``), peft (``generate`` with
-``adapter_names=``). Ratios: engine_vs_transformers, lora_vs_base (engine_lora over engine),
-lora_vs_peft, and decode_vs_bandwidth_bound: over the engine's decode-only steps, the time
+resident; the same engine), engine_eager (engine again with its CUDA graphs put aside: every
+step eager), transformers (``generate``), peft (``generate`` with ``adapter_names=``).
+Ratios: engine_vs_transformers, lora_vs_base (engine_lora over engine), lora_vs_peft,
+graphs_vs_eager (engine over engine_eager; 1 give or take noise where there are no graphs,
+on a CPU), and decode_vs_bandwidth_bound: over the engine's decode-only steps, the time
 the bytes they must read take at the memory bandwidth (every weight once, lm_head included,
 and each sequence's keys and values), over the time they took. The bandwidth is the H200's
 4.8 TB/s on CUDA, and on a CPU the best of a few copies of a 256 MiB tensor (bytes read and
@@ -34,6 +36,7 @@ import argparse
 import gc
 import importlib
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -216,6 +219,21 @@ def bench_shape(
         assigned = [refs[i % NUM_ADAPTERS] for i in range(n)]
         systems["engine_lora"], _ = run_engine(engine, prompts, out_tokens, assigned, "lora")
         backend = engine.runner.attention_backend
+        graphs = engine.runner.decode_graphs
+        engine.runner.decode_graphs = None  # every step eager, as without CUDA graphs
+        try:
+            systems["engine_eager"], eager = run_engine(
+                engine, prompts, out_tokens, [None] * n, "eager"
+            )
+        finally:
+            engine.runner.decode_graphs = graphs
+        cuda_graphs = {
+            "enabled": graphs is not None and graphs.enabled,
+            "num_captures": graphs.num_captures if graphs is not None else 0,
+            "num_replays": graphs.num_replays if graphs is not None else 0,
+            "decode_step_p50_s": statistics.median(d.seconds for d in decode),
+            "eager_decode_step_p50_s": statistics.median(d.seconds for d in eager),
+        }
     finally:
         engine.close()
     del engine
@@ -232,10 +250,12 @@ def bench_shape(
         "lora_vs_base": tokens_per_s["engine_lora"] / tokens_per_s["engine"],
         "lora_vs_peft": tokens_per_s["engine_lora"] / tokens_per_s["peft"],
         "decode_vs_bandwidth_bound": bound["bound_s"] / bound["measured_s"],
+        "graphs_vs_eager": tokens_per_s["engine"] / tokens_per_s["engine_eager"],
     }
     section = {
         "model": {k: v for k, v in fields.items() if not k.endswith("token_id")},
         "attention_backend": backend,
+        "cuda_graphs": cuda_graphs,
         "decode": bound,
         "ratios": ratios,
         "seconds": seconds,
@@ -333,6 +353,12 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"{shape}: decode step p50 {d['step_p50_s'] * 1000:.2f} ms at batch "
             f"{d['mean_batch_size']:.0f}, reading {d['achieved_bytes_per_s'] / 1e9:.0f} GB/s"
+        )
+        g = section["cuda_graphs"]
+        print(
+            f"  CUDA graphs {'on' if g['enabled'] else 'off'}: decode step p50 "
+            f"{g['decode_step_p50_s'] * 1000:.2f} ms, every step eager "
+            f"{g['eager_decode_step_p50_s'] * 1000:.2f} ms"
         )
         for name, value in section["ratios"].items():
             aim = f" (aim: {TARGETS[name]:g} or more)" if shape == TARGET_SHAPE else ""
