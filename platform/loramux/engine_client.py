@@ -118,6 +118,7 @@ def engine_config_from_settings(
         enable_prefix_caching=settings.engine_prefix_caching,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
         num_threads=settings.engine_num_threads,
+        cuda_graphs=settings.engine_cuda_graphs,
         adapter_source=StorageAdapterSource(storage) if merged_adapter is None else None,
         merged_adapter=str(merged_adapter) if merged_adapter is not None else None,
         max_loras=settings.engine_max_loras,
