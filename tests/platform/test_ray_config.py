@@ -155,3 +155,28 @@ def test_the_rayservice_runs_the_same_application(monkeypatch: pytest.MonkeyPatc
     for pod in [*pods, by_kind["Job"]["spec"]]:
         [container] = pod["template"]["spec"]["containers"]
         assert container["envFrom"] == [{"secretRef": {"name": "loramux-settings"}}]
+
+
+def test_celery_workers_and_one_beat_run_beside_the_rayservice() -> None:
+    """As in compose: workers and one beat, their engine reached through the Serve app's API
+    (KubeRay's `<name>-serve-svc` on the Serve HTTP port), settings from the same Secret."""
+    docs = list(yaml.safe_load_all((INFRA / "rayservice.yaml").read_text()))
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    [rayservice] = [d for d in docs if d["kind"] == "RayService"]
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    engine_url = (
+        f"http://{rayservice['metadata']['name']}-serve-svc:{serve_config['http_options']['port']}"
+    )
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    containers = {}
+    for name in ("loramux-worker", "loramux-beat"):
+        [container] = deployments[name]["spec"]["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": "loramux-settings"}}]
+        containers[name] = container
+    worker, beat = containers["loramux-worker"], containers["loramux-beat"]
+    assert worker["command"] == compose["worker"]["entrypoint"]
+    assert worker["env"] == [{"name": "LORAMUX_ENGINE_URL", "value": engine_url}]
+    assert Settings(engine_url=engine_url).resolved_engine_url == engine_url
+    assert beat["command"][:5] == compose["beat"]["entrypoint"][:5]
+    assert deployments["loramux-beat"]["spec"]["replicas"] == 1
+    assert deployments["loramux-beat"]["spec"]["strategy"] == {"type": "Recreate"}
