@@ -11,7 +11,13 @@ on local disk:
 - cold load: on an idle engine, the extra time to first token of an adapter that is in
   no memory tier over a resident one: read from the local disk tier, parsed and written
   to a slot (the headline figure); and of one never seen, fetched from the source
-  (here a local directory), sha256-verified and committed to the disk tier first.
+  (here a local directory), sha256-verified and committed to the disk tier first;
+- modular or merged, for a single-adapter workload (every request on one adapter):
+  engine_single_modular, the shared engine applying it through its LoRA slot, against
+  engine_single_merged, an engine that loaded the base with it merged
+  (EngineConfig.merged_adapter: a dedicated deployment); with what each costs in memory
+  (one base and a slot pool for every adapter, or one base per merged adapter), the time
+  a merged export takes (lora/merge.py) and the extra load time of a merged engine.
 
 engine_base and engine_lora are measured alternately (base, lora, lora, base, base, lora),
 REPEATS runs each, and each reports its median run (every run's tokens/s is in the JSON):
@@ -136,6 +142,95 @@ def cold_load_extra_ttft(engine: Any, cold: list[Any], warm: Any, prompt: list[i
     return statistics.median(extras)
 
 
+def run_alternating(
+    cases: dict[str, Any], repeats: int
+) -> tuple[dict[str, SystemResult], dict[str, list[SystemResult]]]:
+    """Each of two cases ``repeats`` times in the order a, b, b, a, a, b (a machine that
+    drifts weighs on both alike); each case's median run, and all its runs."""
+    runs: dict[str, list[SystemResult]] = {name: [] for name in cases}
+    for repeat in range(repeats):
+        for name in list(cases)[:: 1 if repeat % 2 == 0 else -1]:
+            result, engine, _, _ = cases[name]()
+            runs[name].append(result)
+            engine.close()
+            del engine
+            gc.collect()
+    return {name: median_run(results) for name, results in runs.items()}, runs
+
+
+def merged_or_modular(
+    model_dir: Path,
+    root: Path,
+    ref: Any,
+    prompts: list[list[int]],
+    output_tokens: int,
+    cache_dir: Path,
+    repeats: int,
+) -> tuple[dict[str, SystemResult], dict[str, list[SystemResult]], dict[str, Any]]:
+    """Every request on the adapter ``ref``: through the shared engine's LoRA slot, and from
+    an engine that merged it into the base; plus what each costs in memory and time."""
+    from loramux_engine import EngineConfig, LLMEngine
+    from loramux_engine.lora import DirectorySource
+    from loramux_engine.lora.files import WEIGHTS_NAME
+    from loramux_engine.lora.merge import write_merged_model
+    from loramux_engine.lora.pool import bytes_per_slot
+    from loramux_engine.lora.shape import BaseModelShape
+    from loramux_engine.models.config import load_model_args
+
+    adapter_dir = root / ref.sha256
+    assigned = [ref] * len(prompts)
+    source = DirectorySource(root)
+    cases = {
+        "engine_single_modular": lambda: run_engine(
+            model_dir, prompts, output_tokens, assigned, [ref],
+            adapter_source=source, max_loras=NUM_ADAPTERS, adapter_cache_dir=str(cache_dir),
+        ),
+        "engine_single_merged": lambda: run_engine(
+            model_dir, prompts, output_tokens, merged_adapter=str(adapter_dir)
+        ),
+    }  # fmt: skip
+    systems, runs = run_alternating(cases, repeats)
+
+    def load_s(**config: Any) -> float:
+        start = time.perf_counter()
+        engine = LLMEngine(EngineConfig(str(model_dir), dtype="float32", **config))
+        elapsed = time.perf_counter() - start
+        engine.close()
+        del engine
+        gc.collect()
+        return elapsed
+
+    plain_load_s, merged_load_s = load_s(), load_s(merged_adapter=str(adapter_dir))
+    with tempfile.TemporaryDirectory(prefix="loramux-bench-merge-") as out:
+        start = time.perf_counter()
+        write_merged_model(model_dir, adapter_dir, out, RANK)
+        export_s = time.perf_counter() - start
+    args = load_model_args(str(model_dir))
+    shape = BaseModelShape(
+        args.num_layers, args.hidden_size, args.intermediate_size,
+        args.num_heads, args.num_kv_heads, args.head_dim,
+    )  # fmt: skip
+    base_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    slot_bytes = bytes_per_slot(shape, 64, torch.float32)  # the engine's pool rank (>= 64)
+    modular_bytes = base_bytes + (NUM_ADAPTERS + 1) * slot_bytes
+    merged_bytes = NUM_ADAPTERS * base_bytes
+    section = {
+        "adapter": {"rank": RANK, "targets": "all-linear"},
+        "adapter_file_bytes": (adapter_dir / WEIGHTS_NAME).stat().st_size,
+        "base_weight_bytes": base_bytes,
+        "lora_slot_bytes": slot_bytes,
+        "num_adapters": NUM_ADAPTERS,
+        # weights (and LoRA pool) for NUM_ADAPTERS adapters: one shared engine with a slot
+        # each, or one merged deployment each (KV caches come on top, one per engine)
+        f"weight_bytes_for_{NUM_ADAPTERS}_adapters_modular": modular_bytes,
+        f"weight_bytes_for_{NUM_ADAPTERS}_adapters_merged": merged_bytes,
+        "merged_export_s": export_s,
+        "engine_load_s": plain_load_s,
+        "merged_engine_load_s": merged_load_s,
+    }
+    return systems, runs, section
+
+
 def median_run(results: list[SystemResult]) -> SystemResult:
     """The run with the median tokens/s (the upper middle of an even count)."""
     return sorted(results, key=lambda r: r.tokens_per_s)[len(results) // 2]
@@ -218,11 +313,25 @@ def main(args: argparse.Namespace) -> int:
         gc.collect()
 
         systems["peft"] = run_peft(model_dir, root, hot, prompts, out_tokens, HF_BATCH[workload])
+        gc.collect()
+        single_systems, single_runs, merged_section = merged_or_modular(
+            model_dir, root, hot[0], prompts, out_tokens, Path(tmp) / "cache-single",
+            1 if args.quick else REPEATS,
+        )  # fmt: skip
+        systems |= single_systems
+        runs |= single_runs
     lora, base = systems["engine_lora"].tokens_per_s, systems["engine_base"].tokens_per_s
     ratios = {
         "lora_vs_base": lora / base,
         "lora_vs_peft": lora / systems["peft"].tokens_per_s,
         "thrash_vs_resident": thrash.tokens_per_s / lora,
+        "merged_vs_modular": systems["engine_single_merged"].tokens_per_s
+        / systems["engine_single_modular"].tokens_per_s,
+        "merged_vs_base": systems["engine_single_merged"].tokens_per_s / base,
+        f"merged_vs_modular_weight_bytes_{NUM_ADAPTERS}_adapters": merged_section[
+            f"weight_bytes_for_{NUM_ADAPTERS}_adapters_merged"
+        ]
+        / merged_section[f"weight_bytes_for_{NUM_ADAPTERS}_adapters_modular"],
     }
     details = {
         **workload.as_dict(),
@@ -235,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
         "adapter_targets": "all-linear",
         "peft_batch_size": HF_BATCH[workload],
         "engine_repeats": 1 if args.quick else REPEATS,
+        "single_adapter": "engine_single_*: every request on one adapter",
         "thrash": {
             "num_adapters": NUM_THRASH_ADAPTERS,
             "num_device_slots": NUM_THRASH_SLOTS,
@@ -261,5 +371,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name}: {value:.2f}")
     print(f"cold adapter load, extra TTFT p50: {from_disk * 1000:.0f} ms from the local disk tier")
     print(f"  ({from_source * 1000:.0f} ms when first fetched from the source and verified)")
-    write_report(args.json_path, details, systems, ratios, cold_adapter_load=cold_load)
+    print(
+        f"merged export {merged_section['merged_export_s']:.1f} s; engine load "
+        f"{merged_section['engine_load_s']:.1f} s plain, "
+        f"{merged_section['merged_engine_load_s']:.1f} s merged"
+    )
+    write_report(
+        args.json_path, details, systems, ratios,
+        cold_adapter_load=cold_load, merged=merged_section,
+    )  # fmt: skip
     return 0
