@@ -32,6 +32,8 @@ from loramux.storage import LocalStorage
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.async_engine import AsyncLLMEngine
 from tests.fixtures.services import fresh_pg_database
+from tests.platform.adapters.conftest import _save_peft_adapter
+from tests.platform.adapters.helpers import upload, wait_validated
 from tests.platform.conftest import ADMIN_KEY
 from tests.platform.live_server import serve
 
@@ -267,10 +269,15 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
         receiver.close()
 
 
-def test_a_batch_line_continues_the_trace_of_the_batch_create_request(
+def test_a_batch_line_and_a_validation_continue_their_requests_traces(
     exporter: InMemorySpanExporter, otlp_receiver: OtlpReceiver, redis_url: str,
     tiny_llama_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
+    """Through a real Celery worker: a batch line continues the trace of the batch's create
+    request (and back into the API's engine route), an adapter's validation the upload's."""
+    adapter_dir = _save_peft_adapter(
+        tiny_llama_dir, tmp_path / "adapter", 0, r=4, lora_alpha=8, target_modules=["q_proj"]
+    )
     broker = f"{redis_url.rsplit('/', 1)[0]}/{BROKER_DB}"
     redis.Redis.from_url(broker).flushdb()
     with fresh_pg_database() as database_url:
@@ -279,6 +286,8 @@ def test_a_batch_line_continues_the_trace_of_the_batch_create_request(
             home=tmp_path / "home", database_url=database_url, broker_url=broker,
             storage_url=(tmp_path / "storage").as_uri(), admin_key=ADMIN_KEY,
             model=str(tiny_llama_dir), batch_poll_s=0.1,
+            # Only the upload publishes its validation (no periodic dispatch races it).
+            adapter_validation_dispatch_interval_s=3600,
         )  # fmt: skip
         engine = tiny_engine(tiny_llama_dir, tmp_path / "storage")
         app = create_app(settings, app_state=build_state(settings, engine=engine))
@@ -297,7 +306,7 @@ def test_a_batch_line_continues_the_trace_of_the_batch_create_request(
                     cwd=tmp_path,
                 )  # fmt: skip
             try:
-                run_one_batch_line(base_url, worker, log_path, otlp_receiver)
+                run_one_batch_line(base_url, worker, log_path, otlp_receiver, adapter_dir)
             finally:
                 worker.terminate()
                 worker.wait(timeout=30)
@@ -320,10 +329,18 @@ def test_a_batch_line_continues_the_trace_of_the_batch_create_request(
     assert engine_call.parent_id == generate.span_id
     assert_no_text(trace, PROMPT)
 
+    validation = one_connected_trace(spans, "POST /v1/adapters")
+    upload_span = only(validation, "POST /v1/adapters")
+    publish = only(validation, "celery.publish loramux.validate_adapter_version")
+    assert publish.parent_id == upload_span.span_id
+    task = only(validation, "celery.run loramux.validate_adapter_version")
+    assert task.parent_id == publish.span_id and task.service == "loramux-worker"
+
 
 def run_one_batch_line(
-    base_url: str, worker: subprocess.Popen[bytes], log_path: Path, receiver: OtlpReceiver
-) -> None:
+    base_url: str, worker: subprocess.Popen[bytes], log_path: Path, receiver: OtlpReceiver,
+    adapter_dir: Path,
+) -> None:  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
     while " ready." not in log_path.read_text(errors="replace"):
         assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
@@ -356,7 +373,11 @@ def run_one_batch_line(
             assert status["status"] in ("validating", "in_progress", "finalizing"), status
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
-    # The task's own span ends after the batch's status is written: wait for it to arrive.
-    while not any(s.name == "celery.run loramux.run_batch" for s in receiver.spans):
+        uploaded = upload(client, key, "traced", adapter_dir)  # type: ignore[arg-type]
+        assert uploaded.status_code in (200, 201, 202), uploaded.text
+        assert wait_validated(client, key, "traced")["status"] == "ready"
+    # A task's own span ends after its result is written: wait for both to arrive.
+    tasks = {"celery.run loramux.run_batch", "celery.run loramux.validate_adapter_version"}
+    while not tasks <= {s.name for s in receiver.spans}:
         assert time.monotonic() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.1)
