@@ -5,6 +5,7 @@ receiver here) and the engine route the worker calls back; no span carries text.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -381,3 +382,17 @@ def run_one_batch_line(
     while not tasks <= {s.name for s in receiver.spans}:
         assert time.monotonic() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.1)
+
+
+def test_request_ids_are_kept_when_safe_and_replaced_otherwise(client: TestClient) -> None:
+    def answered_id(sent: str | None) -> str:
+        headers = {} if sent is None else {"X-Request-Id": sent}
+        response = client.get("/healthz", headers=headers)
+        assert response.status_code == 200
+        return str(response.headers["x-request-id"])
+
+    assert answered_id("abc-123_DEF.4:5") == "abc-123_DEF.4:5"
+    generated = {answered_id(None), answered_id(None)}
+    assert len(generated) == 2 and all(re.fullmatch(r"req_[0-9a-f]{24}", g) for g in generated)
+    for hostile in ("x" * 129, "two words", 'quote"d', "new\\nline", "semi;colon", "per%cent"):
+        assert answered_id(hostile).startswith("req_")
