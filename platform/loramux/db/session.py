@@ -49,6 +49,9 @@ def make_engine(
 
         connect_timeout_s = get_settings().db_connect_timeout_s
     connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
+    # A statement's parameters stay out of its errors' text, which reaches logs: they hold
+    # tenants' data (a staged batch line's completion).
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         busy_ms = int(1000 * (statement_timeout_s or connect_timeout_s))
         connect_args.setdefault("check_same_thread", False)
