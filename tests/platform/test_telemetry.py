@@ -396,3 +396,25 @@ def test_request_ids_are_kept_when_safe_and_replaced_otherwise(client: TestClien
     assert len(generated) == 2 and all(re.fullmatch(r"req_[0-9a-f]{24}", g) for g in generated)
     for hostile in ("x" * 129, "two words", 'quote"d', "new\\nline", "semi;colon", "per%cent"):
         assert answered_id(hostile).startswith("req_")
+
+
+def test_exported_exceptions_keep_their_type_not_their_message() -> None:
+    memory = InMemorySpanExporter()
+    provider = telemetry.make_provider("scrub", memory, batch=False)
+    with (
+        pytest.raises(ValueError),
+        provider.get_tracer("t").start_as_current_span("work"),  # records what escapes
+    ):
+        raise ValueError(f"a message holding {PROMPT}")
+    [span] = memory.get_finished_spans()
+    [event] = span.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {}) == {
+        "exception.type": "ValueError",
+        "exception.escaped": "False",
+    } or (
+        dict(event.attributes or {}).get("exception.type") == "ValueError"
+        and "exception.message" not in (event.attributes or {})
+    )
+    assert span.status.description == "ValueError"
+    assert PROMPT not in json.dumps(span.to_json())
