@@ -8,6 +8,11 @@ With CUDA the same checks run with graphs captured and replayed.
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -19,6 +24,8 @@ from loramux_engine.engine.cuda_graphs import DecodeGraphs, buckets, is_decode_s
 from loramux_engine.engine.sequence import Sequence
 from loramux_engine.lora import AdapterRef, DirectorySource
 from tests.engine.peft_reference import load_base, publish_dir, save_random_adapter
+
+REPO = Path(__file__).resolve().parents[2]
 
 ADAPTERS = [
     {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
@@ -85,10 +92,15 @@ def make_engine(model_dir: Path, source: Path, device: str, **overrides: object)
     return LLMEngine(config)
 
 
-def run_steps(engine: LLMEngine, refs: list[AdapterRef | None]) -> dict[str, list[int]]:
+def run_steps(
+    engine: LLMEngine,
+    refs: Seq[AdapterRef | None],
+    prompt_lens: Seq[int] = PROMPT_LENS,
+    max_tokens: int = 12,
+) -> dict[str, list[int]]:
     """Requests joining one per step (so decode batches of 1 to 7 rows occur), greedy."""
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    prompts = [[3 + (i * 11 + j * 7) % 250 for j in range(n)] for i, n in enumerate(PROMPT_LENS)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    prompts = [[3 + (i * 11 + j * 7) % 250 for j in range(n)] for i, n in enumerate(prompt_lens)]
     got: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     while pending or engine.has_unfinished():
@@ -126,41 +138,115 @@ def static_engine(model_dir: Path, source: Path, device: str) -> tuple[LLMEngine
     return engine, graphs
 
 
+def check_static_steps(
+    engine: LLMEngine,
+    graphs: DecodeGraphs,
+    refs: Seq[AdapterRef | None],
+    prompt_lens: Seq[int] = PROMPT_LENS,
+    max_tokens: int = 12,
+) -> tuple[dict[str, list[int]], list[tuple[int, int, torch.Tensor, torch.Tensor]]]:
+    """The workload through the static path; with each decode step (its size, its number of
+    distinct slots), its logits from the plain path (``runner.logits``, which never goes
+    through the static buffers; it writes the same keys and values first) and the static."""
+    steps: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    run = graphs.run
+
+    def checked_run(seqs: Seq[Sequence]) -> torch.Tensor | None:
+        expected = engine.runner.logits(list(seqs))
+        logits = run(seqs)
+        assert logits is not None
+        num_slots = len({s.adapter_slot for s in seqs})
+        steps.append((len(seqs), num_slots, expected.cpu(), logits.float().cpu()))
+        return logits
+
+    graphs.run = checked_run  # type: ignore[method-assign]
+    try:
+        return run_steps(engine, refs, prompt_lens, max_tokens), steps
+    finally:
+        engine.close()
+
+
 def test_static_decode_equals_plain_path(
     tiny_llama_dir: Path,
     adapters: tuple[Path, list[AdapterRef | None]],
     plain_tokens: dict[str, list[int]],
     device: str,
 ) -> None:
-    """Tokens equal the plain engine's; each decode step's logits equal the plain path's
-    on the same step (``runner.logits``, never through the static buffers)."""
+    """Tokens equal the plain engine's; each decode step's logits equal the plain path's."""
     source, refs = adapters
     engine, graphs = static_engine(tiny_llama_dir, source, device)
-    steps: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    num_slots: list[int] = []
-    run = graphs.run
-
-    def checked_run(seqs: Seq[Sequence]) -> torch.Tensor | None:
-        expected = engine.runner.logits(list(seqs))  # rewrites the same keys and values first
-        logits = run(seqs)
-        assert logits is not None
-        steps.append((len(seqs), expected.cpu(), logits.float().cpu()))
-        num_slots.append(len({s.adapter_slot for s in seqs}))
-        return logits
-
-    graphs.run = checked_run  # type: ignore[method-assign]
-    try:
-        got = run_steps(engine, refs)
-    finally:
-        engine.close()
+    got, steps = check_static_steps(engine, graphs, refs)
     assert got == plain_tokens
-    sizes = [n for n, _, _ in steps]
+    sizes = [n for n, _, _, _ in steps]
     assert {graphs.bucket(n) for n in sizes} == {1, 2, 4, 8}  # every bucket, padded in some
     assert any(graphs.bucket(n) != n for n in sizes)
     assert max(sizes) == len(PROMPT_LENS)
-    assert max(num_slots) == len(ADAPTERS) + 1  # the base and every adapter in one step
-    for _, expected, logits in steps:
+    assert max(k for _, k, _, _ in steps) == len(ADAPTERS) + 1  # the base and every adapter
+    for _, _, expected, logits in steps:
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     if device == "cuda":
         assert graphs.enabled and graphs.num_captures >= 4
         assert graphs.num_replays == len(steps)
+
+
+# The CUDA path's Python on a CPU: every kernel the CUDA path launches (attention over the
+# graph's fixed-stride tables, LoRA over its padded tile table, the fused norms, SiLU and
+# RoPE) run through Triton's interpreter in a subprocess, where the dispatch is told to
+# take Triton on the CPU. A smaller workload: the interpreter runs a program at a time.
+_INTERPRETED = textwrap.dedent(
+    """
+    import pickle, sys
+    from pathlib import Path
+    import torch
+    from loramux_engine.kernels import lora_runs
+    from loramux_engine.layers import activation, attention, layernorm, rotary_embedding
+    from loramux_engine.lora import ops
+    from tests.engine import test_cuda_graphs as t
+
+    for module in (activation, attention, layernorm, rotary_embedding, ops):
+        module.use_triton = lambda device_type: True
+    lora_runs.load = lambda: None  # else "auto" takes the CPU's runs kernel
+    model_dir, source, refs_path, out = map(Path, sys.argv[1:])
+    refs = pickle.loads(open(refs_path, "rb").read())
+    engine = t.make_engine(model_dir, source, "cpu", cuda_graphs=False, cpu_decode_kernel=False)
+    assert engine.runner.attention_backend == "triton"
+    graphs = engine.runner.make_decode_graphs(engine.config.max_num_seqs, capture=False)
+    assert graphs.triton_lora
+    engine.runner.decode_graphs = graphs
+    got, steps = t.check_static_steps(engine, graphs, refs, t.SMALL_PROMPT_LENS, t.SMALL_MAX_TOKENS)
+    torch.save({"tokens": got, "steps": steps}, out)
+    """
+)
+SMALL_PROMPT_LENS = [1, 9, 5, 17, 2]
+SMALL_MAX_TOKENS = 4
+
+
+def test_static_decode_through_the_triton_kernels_interpreted(
+    tiny_llama_dir: Path, adapters: tuple[Path, list[AdapterRef | None]], tmp_path: Path
+) -> None:
+    pytest.importorskip("triton")
+    source, refs = adapters
+    engine = make_engine(tiny_llama_dir, source, "cpu", cuda_graphs=False)
+    try:
+        expected = run_steps(engine, refs, SMALL_PROMPT_LENS, SMALL_MAX_TOKENS)
+    finally:
+        engine.close()
+    (tmp_path / "refs.pkl").write_bytes(pickle.dumps(refs))
+    out = tmp_path / "out.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED, str(tiny_llama_dir), str(source)]
+        + [str(tmp_path / "refs.pkl"), str(out)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = torch.load(out)
+    assert result["tokens"] == expected  # the C kernels' tokens, from the Triton kernels
+    steps = result["steps"]
+    assert 3 in {n for n, _, _, _ in steps}  # padded to 4
+    assert max(k for _, k, _, _ in steps) == len(ADAPTERS) + 1
+    for _, _, plain, static in steps:
+        torch.testing.assert_close(static, plain, rtol=0, atol=1e-5)
