@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux.adapters.merge_job import remove_orphaned_merges
 from loramux.db.models import Adapter, AdapterUpload, AdapterVersion
 from loramux.db.session import transaction
 from loramux.settings import Settings
@@ -132,6 +133,7 @@ def run_cleanup(
     report = CleanupReport()
     report.expired_uploads = expire_uploads(sessions, now)
     report.deleted_blobs = remove_orphaned_blobs(sessions, storage)
+    report.deleted_blobs += remove_orphaned_merges(sessions, storage)
     report.removed_partial_uploads = storage.remove_partial_uploads(settings.adapter_upload_ttl_s)
     if report.deleted_blobs or report.removed_partial_uploads:
         log.info("cleanup: %s", report.as_dict())

@@ -219,3 +219,38 @@ def _drop_unreferenced(
     if kept is None:
         for entry in files:
             storage.delete(merge_key(digest, entry["name"]))
+
+
+def _live_merge_shas(session: Session, shas: set[str]) -> set[str]:
+    """Those of ``shas`` a succeeded merge of a live adapter names."""
+    return set(
+        session.scalars(
+            select(AdapterMerge.sha256)
+            .join(AdapterVersion, AdapterVersion.id == AdapterMerge.adapter_version_id)
+            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+            .where(
+                AdapterMerge.sha256.in_(shas),
+                AdapterMerge.status == "succeeded",
+                Adapter.deleted_at.is_(None),
+            )
+        )
+    )
+
+
+def remove_orphaned_merges(sessions: sessionmaker[Session], storage: Storage) -> list[str]:
+    """Delete merged models no succeeded merge of a live adapter names (a deleted adapter's,
+    a failed job's). A job in flight stores its files before its row names them, so none
+    is deleted while any job is queued or running; the next pass takes them."""
+    keys = list(storage.list("merges/"))
+    if not keys:
+        return []
+    with sessions() as session:
+        if session.scalar(select(AdapterMerge.id).where(AdapterMerge.status.in_(PENDING))):
+            return []
+        kept = _live_merge_shas(session, {key.split("/")[1] for key in keys})
+    deleted = []
+    for key in keys:
+        if key.split("/")[1] not in kept:
+            storage.delete(key)
+            deleted.append(key)
+    return deleted

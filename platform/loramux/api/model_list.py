@@ -27,6 +27,21 @@ async def list_models(request: Request) -> JSONResponse:
     def adapters() -> list[dict[str, Any]]:
         if user.tenant_id is None:
             return []
+        merged = app_state.merged
+        if merged is not None:  # a merged deployment serves its one adapter, to its tenant
+            if user.tenant_id != merged.tenant_id:
+                return []
+            return [
+                {
+                    "id": merged.adapter_name,
+                    "object": "model",
+                    "created": app_state.base_model_created,
+                    "owned_by": user.tenant_name,
+                    "parent": app_state.base_model_id,
+                    "version": merged.version,
+                    "merged": True,
+                }
+            ]
         with app_state.sessions() as session:
             return [
                 {
@@ -40,7 +55,8 @@ async def list_models(request: Request) -> JSONResponse:
                 for adapter, version in ready_adapters(session, user.tenant_id)
             ]
 
-    return JSONResponse({"object": "list", "data": [base, *await run_in_threadpool(adapters)]})
+    served = [] if app_state.merged is not None else [base]  # merged: the base is not served
+    return JSONResponse({"object": "list", "data": [*served, *await run_in_threadpool(adapters)]})
 
 
 routes = [Route("/v1/models", list_models, methods=["GET"])]

@@ -58,6 +58,12 @@ def batch_app_state(context: WorkerContext) -> AppState:
             resolve_model(settings.model, settings.models_dir),
         )
         sessions = context.sessions
+        merged = None
+        if settings.merged_adapter is not None:  # lines resolve as the merged server does
+            from loramux.adapters.merged_serving import resolve_merged_adapter
+
+            with sessions() as session:
+                merged = resolve_merged_adapter(session, settings.merged_adapter)
         _state = AppState(
             settings=settings,
             db_engine=sessions.kw["bind"],
@@ -67,6 +73,7 @@ def batch_app_state(context: WorkerContext) -> AppState:
             base_model_created=int(time.time()),
             limiter=AdmitAll(),
             engine=engine,
+            merged=merged,
         )
         _state_pid = os.getpid()
     return _state

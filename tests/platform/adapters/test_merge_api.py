@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from loramux.adapters import registry
 from loramux.adapters.base_shape import base_model_shape
-from loramux.adapters.merge_job import run_merge
+from loramux.adapters.merge_job import remove_orphaned_merges, run_merge
 from loramux.adapters.validation_job import validate_version
 from loramux.db.models import AdapterMerge
 from loramux.storage import storage_from_settings
@@ -199,3 +199,10 @@ def test_merged_files_stream_from_local_storage(  # type: ignore[no-untyped-def]
     assert_openai_error(local_client.get(f"{path}/files/nope.bin", headers=bearer(secret)), 404)
     with db() as session:
         assert session.get(AdapterMerge, job["id"]).attempts <= 1  # type: ignore[union-attr]
+
+    # Kept while the adapter lives; the cleanup takes a deleted adapter's merged model.
+    stored = {f"merges/{done['sha256']}/{entry['name']}" for entry in done["files"]}
+    assert remove_orphaned_merges(db, storage) == []
+    assert local_client.delete("/v1/adapters/bot", headers=bearer(secret)).status_code == 200
+    assert set(remove_orphaned_merges(db, storage)) == stored
+    assert list(storage.list("merges/")) == []

@@ -105,6 +105,9 @@ def test_merged_deployment_serves_the_adapter_alone_with_peft_tokens(
 
     # Everything else is refused, the base model too: the weights are the adapter's.
     intruder = merged_deployment["intruder"]
+    listed = client.get("/v1/models", headers=bearer(secret)).json()["data"]
+    assert [(m["id"], m["merged"]) for m in listed] == [("bot", True)]
+    assert client.get("/v1/models", headers=bearer(intruder)).json()["data"] == []
     base_model_id = client.app.state.loramux.base_model_id
     request = {"prompt": PROMPTS[0], "max_tokens": 2}
     for model in (base_model_id, "other-bot", "bot@2", "nope"):
