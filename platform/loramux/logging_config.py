@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 from loramux import telemetry
 from loramux.settings import Settings
@@ -36,7 +37,7 @@ PAYLOAD_LOGGERS = (
     "multipart",
     "python_multipart",
 )
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+TEXT_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s [%(request_id)s] %(message)s"
 HANDLER_NAME = "loramux"
 
 
@@ -73,11 +74,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def handler(log_format: str) -> logging.Handler:
-    out = logging.StreamHandler(sys.stderr)
+def handler(log_format: str, stream: IO[str] | None = None) -> logging.Handler:
+    out = logging.StreamHandler(stream or sys.stderr)
     out.set_name(HANDLER_NAME)
     out.addFilter(RequestContext())
-    out.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    if log_format == "json":
+        out.setFormatter(JsonFormatter())
+    else:
+        text = logging.Formatter(TEXT_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
+        text.converter = time.gmtime  # UTC, as everywhere else
+        out.setFormatter(text)
     return out
 
 

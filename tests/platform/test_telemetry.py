@@ -4,7 +4,9 @@ receiver here) and the engine route the worker calls back; no span carries text.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import subprocess
 import threading
@@ -23,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from loramux import telemetry
+from loramux import logging_config, telemetry
 from loramux.app import build_state, create_app
 from loramux.db.migrate import upgrade
 from loramux.engine_client import InProcessEngineClient, StorageAdapterSource
@@ -413,3 +415,49 @@ def test_exported_exceptions_keep_their_type_not_their_message() -> None:
     assert (event.attributes or {})["exception.type"] == "ValueError"
     assert span.status.description == "ValueError"
     assert PROMPT not in json.dumps(span.to_json())
+
+
+def test_log_lines_carry_the_request_and_trace_ids(exporter: InMemorySpanExporter) -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("loramux.test_log_ids")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    trace_ids = []
+    for log_format in ("json", "text"):
+        logger.handlers = [logging_config.handler(log_format, stream)]
+        token = logging_config.request_id_var.set("req-in-log")
+        try:
+            with telemetry.tracer().start_as_current_span("logged") as span:
+                logger.info("served %s", "it")
+                trace_ids.append(format(span.get_span_context().trace_id, "032x"))
+        finally:
+            logging_config.request_id_var.reset(token)
+        logger.info("outside")
+    json_line, json_outside, text_line, text_outside = stream.getvalue().splitlines()
+    record = json.loads(json_line)
+    assert record["message"] == "served it" and record["request_id"] == "req-in-log"
+    assert record["trace_id"] == trace_ids[0] and record["time"].endswith("+00:00")
+    assert "request_id" not in json.loads(json_outside)
+    assert re.fullmatch(r"\S+Z INFO loramux.test_log_ids \[req-in-log\] served it", text_line)
+    assert text_outside.endswith("[-] outside")
+
+
+def test_payload_loggers_stay_at_warning_under_debug() -> None:
+    touched = ["", *logging_config.PAYLOAD_LOGGERS, "uvicorn", "uvicorn.error", "uvicorn.access"]
+    saved = {
+        name: (log.level, list(log.handlers), log.propagate)
+        for name in touched
+        if (log := logging.getLogger(name))
+    }
+    try:
+        logging_config.configure_logging(Settings(log_level="DEBUG"))
+        assert logging.getLogger().level == logging.DEBUG
+        assert logging.getLogger("loramux").isEnabledFor(logging.DEBUG)
+        for name in ("sqlalchemy.engine", "botocore", "kombu"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+    finally:
+        for name, (level, handlers, propagate) in saved.items():
+            log = logging.getLogger(name)
+            log.setLevel(level)
+            log.handlers = handlers
+            log.propagate = propagate
