@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,9 +174,7 @@ async def first_token_s(client: Any, prompt: list[int]) -> float:
 
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     sent = time.perf_counter()
-    async for out in client.generate(
-        f"first-{time.monotonic_ns()}", prompt, params, fairness_key=""
-    ):
+    async for out in client.generate(f"first-{uuid.uuid4().hex}", prompt, params, fairness_key=""):
         if out.new_token_ids:
             return time.perf_counter() - sent
     raise RuntimeError("the engine finished a request without a token")
