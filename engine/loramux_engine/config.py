@@ -22,6 +22,13 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     kv_block_size: int = 16  # tokens per KV cache block, a power of two (engine/kv_cache.py)
     enable_prefix_caching: bool = True  # reuse full blocks of a tenant's earlier prompts
+    # Speculative decoding by prompt lookup (engine/spec_decode.py): "off", "on", or "auto"
+    # (a sequence drafts while its drafts pay, in small steps); a request's own
+    # `speculative` field overrides it. Drafts per sequence and step at most, and in "auto"
+    # the most tokens a drafting step may run (None: by device, spec_decode.py).
+    speculative: str = "auto"
+    num_speculative_tokens: int = 5
+    speculative_max_batch_tokens: int | None = None
     max_num_batched_tokens: int = 2048
     # CPU intra-op threads, fixed; None: one per CPU this process may use (affinity, cgroup
     # quota), fewer while other processes keep some busy (engine/thread_team.py)
@@ -60,6 +67,14 @@ class EngineConfig:
         size = self.kv_block_size
         if not 1 <= size <= 1024 or size & (size - 1):
             raise EngineConfigError(f"kv_block_size must be a power of two up to 1024, not {size}")
+        if self.speculative not in ("off", "on", "auto"):
+            raise EngineConfigError(
+                f"speculative must be off, on or auto, not {self.speculative!r}"
+            )
+        if not 1 <= self.num_speculative_tokens <= 64:
+            raise EngineConfigError("num_speculative_tokens must be in 1..64")
+        if self.speculative_max_batch_tokens is not None and self.speculative_max_batch_tokens < 1:
+            raise EngineConfigError("speculative_max_batch_tokens must be positive")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise EngineConfigError("max_model_len must be at least 2")
         if self.num_threads is not None and self.num_threads < 1:

@@ -48,6 +48,11 @@ class EngineStats:
     num_steps_total: int = 0
     last_step_num_tokens: int = 0  # tokens through the model in the latest step
     last_step_num_sampled: int = 0  # rows through the LM head in the latest step
+    # Speculative decoding (engine/spec_decode.py): draft tokens verified, those accepted,
+    # and the sequence-steps that verified drafts.
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
+    spec_decode_num_drafting_steps_total: int = 0
     # Requests per fairness key (opaque here; the platform passes its tenant id).
     num_running_by_key: dict[str, int] = field(default_factory=dict)
     num_waiting_by_key: dict[str, int] = field(default_factory=dict)

@@ -28,6 +28,9 @@ class SamplingParams:
     # True: logprob of each chosen token; an int N > 0 adds the N most likely alternatives.
     logprobs: bool | int = False
     skip_special_tokens: bool = True
+    # Speculative decoding (engine/spec_decode.py): True or False asks for it or refuses it;
+    # None leaves it to the engine (its speculative mode).
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
@@ -50,6 +53,8 @@ class SamplingParams:
             raise InvalidSamplingParamsError("stop_token_ids must be non-negative ints")
         if not isinstance(self.logprobs, bool) and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidSamplingParamsError(f"logprobs must be a bool or 0..{MAX_TOP_LOGPROBS}")
+        if self.speculative is not None and not isinstance(self.speculative, bool):
+            raise InvalidSamplingParamsError("speculative must be true, false or absent")
 
     @property
     def greedy(self) -> bool:

@@ -117,6 +117,8 @@ def engine_config_from_settings(
         kv_block_size=settings.engine_kv_block_size,
         enable_prefix_caching=settings.engine_prefix_caching,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
+        speculative=settings.engine_speculative,
+        num_speculative_tokens=settings.engine_num_speculative_tokens,
         num_threads=settings.engine_num_threads,
         cuda_graphs=settings.engine_cuda_graphs,
         adapter_source=StorageAdapterSource(storage) if merged_adapter is None else None,

@@ -73,6 +73,16 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "loramux:engine_steps", "Engine steps run.", stats.num_steps_total
         )
+        yield CounterMetricFamily(
+            "loramux:spec_decode_num_draft_tokens",
+            "Speculative draft tokens verified by the target model.",
+            stats.spec_decode_num_draft_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "loramux:spec_decode_num_accepted_tokens",
+            "Speculative draft tokens accepted (the target's own choice).",
+            stats.spec_decode_num_accepted_tokens_total,
+        )
         for name, value in sorted(stats.extra.items()):
             # Adapter-cache counters arrive as e.g. "adapter_cache_device_hits".
             safe = "".join(c if c.isalnum() or c == "_" else "_" for c in name)

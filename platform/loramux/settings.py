@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     engine_kv_block_size: int = Field(default=16, ge=1, le=1024)
     engine_prefix_caching: bool = True
     engine_max_batched_tokens: int = 2048
+    # Speculative decoding by prompt lookup: off, on, or auto (a sequence drafts while its
+    # drafts are accepted often enough, in small steps); a request's `speculative` field
+    # overrides it. Drafts per sequence and step at most.
+    engine_speculative: Literal["off", "on", "auto"] = "auto"
+    engine_num_speculative_tokens: int = Field(default=5, ge=1, le=64)
     # The engine's CPU threads; None: one per CPU it may use (affinity, cgroup quota), fewer
     # while other processes keep some of those CPUs busy.
     engine_num_threads: int | None = Field(default=None, ge=1)

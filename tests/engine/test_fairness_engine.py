@@ -12,7 +12,8 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 def test_quiet_tenant_is_served_within_the_first_steps(
     make_engine: Callable[..., LLMEngine],
 ) -> None:
-    engine = make_engine(max_num_seqs=4, max_model_len=64)
+    # One token a step (no speculative drafts), so that steps count tokens served.
+    engine = make_engine(max_num_seqs=4, max_model_len=64, speculative="off")
     for i in range(48):
         engine.add_request(f"a{i}", [10 + i % 50] * 12, PARAMS, fairness_key="A")
     for i in range(4):

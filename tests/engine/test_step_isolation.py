@@ -233,9 +233,10 @@ def test_a_sampler_failing_for_one_row_fails_that_request_only(
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        drafts: list[list[int]] | None = None,
     ) -> list[SampledToken]:
         # Every row draws first, so the victims' generators have moved when it raises.
-        results = real_sample(logits, params, generators)
+        results = real_sample(logits, params, generators, drafts)
         if any(p is attacker for p in params):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return results
@@ -337,10 +338,11 @@ async def test_async_engine_fails_only_the_attackers_stream(
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        drafts: list[list[int]] | None = None,
     ) -> list[SampledToken]:
         if any(p is attacker for p in params):
             raise RuntimeError("multinomial: invalid distribution")
-        return real_sample(logits, params, generators)
+        return real_sample(logits, params, generators, drafts)
 
     monkeypatch.setattr(model_runner, "sample", sample_or_fail)
     engine = LLMEngine(EngineConfig(str(tiny_llama_dir), max_model_len=128))

@@ -21,6 +21,7 @@ from loramux_engine.engine.kv_cache import BlockManager, kv_cache_capacity
 from loramux_engine.engine.model_runner import ModelRunner
 from loramux_engine.engine.scheduler import Scheduler
 from loramux_engine.engine.sequence import Sequence
+from loramux_engine.engine.spec_decode import build_speculator
 from loramux_engine.engine.step_isolation import run_isolated
 from loramux_engine.engine.thread_team import ThreadTeam
 from loramux_engine.errors import (
@@ -101,11 +102,13 @@ class LLMEngine:
         self.adapters = build_adapter_cache(config, self.dtype, self.device)
         if self.adapters is not None:
             self.runner.attach_lora(self.adapters.pool)
+        self.speculator = build_speculator(config, args.vocab_size, self.device)
         self.scheduler = Scheduler(
             config.max_num_seqs,
             config.max_num_batched_tokens,
             BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching),
             self.adapters,
+            speculator=self.speculator,
         )
         self._seqs: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -209,6 +212,7 @@ class LLMEngine:
             max(0, min(s.num_prompt_tokens - s.num_computed_tokens, s.num_scheduled_tokens))
             for s in seqs
         )
+        num_rows = sum(s.num_sampled_rows for s in seqs)
         self.threads.before_step()
         sampled = run_isolated(self.runner.run, seqs)
         # A sequence that failed does not advance: its blocks may hold keys and values it
@@ -217,7 +221,8 @@ class LLMEngine:
             (s, r) for s, r in zip(seqs, sampled, strict=True) if r is None or r.error is None
         ]
         self.scheduler.postprocess(
-            [s for s, _ in advanced], [r.token_id if r is not None else None for _, r in advanced]
+            [s for s, _ in advanced],
+            [[t.token_id for t in r.tokens] if r is not None else [] for _, r in advanced],
         )
         num_generated = 0
         for seq, result in zip(seqs, sampled, strict=True):
@@ -233,9 +238,9 @@ class LLMEngine:
                 output = self._fail(
                     seq, SequenceFailedError.caused_by(error, "process this request's token")
                 )
-            num_generated += 1
+            num_generated += len(output.new_token_ids)
             outputs.append(output)
-        self._record(num_tokens, num_prompt, num_generated)
+        self._record(num_tokens, num_prompt, num_generated, num_rows)
         return outputs
 
     def _fail(self, seq: Sequence, error: SequenceFailedError) -> RequestOutput:
@@ -248,29 +253,38 @@ class LLMEngine:
         return output
 
     def _advance(self, seq: Sequence, result: SampledToken) -> RequestOutput:
-        token_id, params = result.token_id, seq.params
-        if result.logprob is not None:
-            seq.logprobs.append(result.logprob)
-            if result.top_logprobs is not None:
-                seq.top_logprobs.append(result.top_logprobs)
-        reason = None
-        if token_id in params.stop_token_ids or (
-            not params.ignore_eos and token_id in self.eos_token_ids
-        ):
-            reason = "stop"
-        elif len(seq) >= seq.max_len:
-            reason = "length"
+        """Take the step's tokens one by one, as plain decoding would: the first that ends
+        the sequence (a stop, its length) drops the ones after it (accepted drafts)."""
+        params = seq.params
+        tokens = result.tokens
+        first = len(seq) - len(tokens)  # index of the step's first token in token_ids
         detokenizer = self._detokenizers.get(seq.request_id)
-        if detokenizer is not None:
-            delta = detokenizer.push([token_id])
+        reason = None
+        for i, token in enumerate(tokens):
+            token_id = token.token_id
+            if token.logprob is not None:
+                seq.logprobs.append(token.logprob)
+                if token.top_logprobs is not None:
+                    seq.top_logprobs.append(token.top_logprobs)
+            if token_id in params.stop_token_ids or (
+                not params.ignore_eos and token_id in self.eos_token_ids
+            ):
+                reason = "stop"
+            elif first + i + 1 >= seq.max_len:
+                reason = "length"
+            if detokenizer is not None:
+                delta = detokenizer.push([token_id])
+                if reason is not None:
+                    delta += detokenizer.flush()
+                seq.output_text += delta
+                if params.stop and delta:
+                    at = find_stop(seq.output_text, len(delta), params.stop)
+                    if at >= 0:
+                        seq.output_text = seq.output_text[:at]
+                        reason = "stop"
             if reason is not None:
-                delta += detokenizer.flush()
-            seq.output_text += delta
-            if params.stop and delta:
-                at = find_stop(seq.output_text, len(delta), params.stop)
-                if at >= 0:
-                    seq.output_text = seq.output_text[:at]
-                    reason = "stop"
+                del seq.token_ids[first + i + 1 :]
+                break
         if reason is not None:
             self.scheduler.finish(seq, reason)
         output = self._output(seq, seq.output_token_ids[seq.num_emitted_tokens :])
@@ -309,7 +323,7 @@ class LLMEngine:
         self._detokenizers.pop(seq.request_id, None)
         self._stats.num_finished_total += 1
 
-    def _record(self, num_tokens: int, num_prompt: int, num_generated: int) -> None:
+    def _record(self, num_tokens: int, num_prompt: int, num_generated: int, num_rows: int) -> None:
         now = time.monotonic()
         self._recent.append((now, num_prompt, num_generated))
         while self._recent and self._recent[0][0] < now - _RATE_WINDOW_S:
@@ -319,7 +333,7 @@ class LLMEngine:
         s.num_prompt_tokens_total += num_prompt
         s.num_generation_tokens_total += num_generated
         s.last_step_num_tokens = num_tokens
-        s.last_step_num_sampled = num_generated
+        s.last_step_num_sampled = num_rows
         span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else _RATE_WINDOW_S
         s.prompt_tokens_per_s = sum(r[1] for r in self._recent) / span
         s.generation_tokens_per_s = sum(r[2] for r in self._recent) / span
@@ -327,6 +341,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self._stats
         kv_cache = self.scheduler.kv_cache
+        speculator = self.speculator
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -351,6 +366,9 @@ class LLMEngine:
             num_steps_total=s.num_steps_total,
             last_step_num_tokens=s.last_step_num_tokens,
             last_step_num_sampled=s.last_step_num_sampled,
+            spec_decode_num_draft_tokens_total=speculator.num_draft_tokens_total,
+            spec_decode_num_accepted_tokens_total=speculator.num_accepted_tokens_total,
+            spec_decode_num_drafting_steps_total=speculator.num_drafting_steps_total,
             num_running_by_key=dict(Counter(seq.fairness_key for seq in self.scheduler.running)),
             num_waiting_by_key=dict(Counter(seq.fairness_key for seq in self.scheduler.waiting)),
             resident_adapters=self.adapters.residents() if self.adapters else [],

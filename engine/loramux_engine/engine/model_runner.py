@@ -140,12 +140,11 @@ class ModelRunner:
             end = start + n
             offset = len(input_ids)
             table = seq.block_table
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.scheduled_token_ids)  # with any speculative drafts
             positions.extend(range(start, end))
             cache_positions.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             slot_ids.extend([seq.adapter_slot] * n)
-            if end == len(seq):
-                sample_rows.append(offset + n - 1)
+            sample_rows.extend(range(offset + n - seq.num_sampled_rows, offset + n))
             if self.attention_backend != "sdpa":  # each token attends to its own prefix
                 token_table_starts.extend([len(block_ids)] * n)
                 block_ids.extend(table)
@@ -181,7 +180,7 @@ class ModelRunner:
             if logits is not None:
                 tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
                 return list[SampledToken | None](tokens)
-        ends = [s.num_computed_tokens + s.num_scheduled_tokens == len(s) for s in seqs]
+        ends = [s.num_sampled_rows > 0 for s in seqs]
         input_ids, positions, sample_rows = self._prepare(seqs)
         try:
             hidden = self.model(input_ids, positions)
@@ -192,7 +191,12 @@ class ModelRunner:
         sampling = [s for s, end in zip(seqs, ends, strict=True) if end]
         logits = self.model.compute_logits(hidden[sample_rows])
         sampled = iter(
-            sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+            sample(
+                logits,
+                [s.params for s in sampling],
+                [s.generator for s in sampling],
+                [s.draft_token_ids for s in sampling],
+            )
         )
         return [next(sampled) if end else None for end in ends]
 

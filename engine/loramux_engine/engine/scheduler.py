@@ -28,6 +28,12 @@ counter, prompt tokens weighing 1 and generated tokens 2; a key coming back
 from idle starts at the lowest counter among the active keys, so idling banks
 no credit.
 
+Speculative decoding (engine/spec_decode.py): once the running sequences have their
+tokens, the speculator may give decoding ones drafts to verify in the same step, within
+the token budget and only from blocks beyond the admission watermark, so that drafts
+never preempt anyone; a sequence advances by the tokens it accepted, and a block taken
+for rejected drafts stays with it for its next tokens.
+
 A sequence for an adapter is admitted only once the adapter cache has pinned the
 adapter in a device slot; while it loads, later sequences (other adapters, or none)
 are admitted past it. The admitted batch is ordered by adapter slot, decode tokens
@@ -37,9 +43,11 @@ first, so that each slot's tokens are one or two contiguous runs for the LoRA op
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence as Seq
 
 from loramux_engine.engine.kv_cache import BlockManager
 from loramux_engine.engine.sequence import Sequence, SequenceStatus
+from loramux_engine.engine.spec_decode import Speculator
 from loramux_engine.lora.cache import AdapterCache
 from loramux_engine.lora.errors import AdapterLoadError
 from loramux_engine.lora.ref import AdapterRef
@@ -53,11 +61,13 @@ class Scheduler:
         kv_cache: BlockManager,
         adapters: AdapterCache | None = None,
         watermark_blocks: int | None = None,
+        speculator: Speculator | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache = kv_cache
         self.adapters = adapters
+        self.speculator = speculator
         # Blocks admission leaves free for the running sequences' next tokens: 1%.
         self.watermark_blocks = (
             max(1, kv_cache.num_blocks // 100) if watermark_blocks is None else watermark_blocks
@@ -139,6 +149,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_scheduled_tokens = 0
+        seq.draft_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         try:
@@ -202,6 +213,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens - sum(s.num_scheduled_tokens for s in scheduled)
         if self.num_preemptions > preemptions_before:
             budget = 0  # memory is short: admitting now would only preempt again next step
+        elif self.speculator is not None and budget > 0:
+            budget -= self._add_drafts(scheduled, budget)
         # admit
         skipped: set[Sequence] = set()
         charged: Counter[str] = Counter()
@@ -238,18 +251,45 @@ class Scheduler:
         scheduled.sort(key=lambda s: (s.num_scheduled_tokens > 1, s.adapter_slot))
         return scheduled
 
-    def postprocess(self, seqs: list[Sequence], sampled: list[int | None]) -> None:
-        """Advance the scheduled sequences; append each sampled token; key full blocks."""
-        for seq, token_id in zip(seqs, sampled, strict=True):
+    def _add_drafts(self, scheduled: list[Sequence], budget: int) -> int:
+        """Give decoding sequences speculative drafts; returns the tokens they add."""
+        assert self.speculator is not None
+        kv = self.kv_cache
+        decoding = [s for s in scheduled if s.num_scheduled_tokens == 1 == s.num_uncomputed_tokens]
+        num_step_tokens = self.max_num_batched_tokens - budget
+        added = 0
+        for seq, drafts in self.speculator.propose(decoding, budget, num_step_tokens):
+            spare = kv.num_free_blocks - self.watermark_blocks
+            room = (len(seq.block_table) + max(0, spare)) * kv.block_size
+            drafts = drafts[: max(0, room - len(seq))]  # positions len(seq) .. len + k - 1
+            if drafts and kv.allocate(seq, 1 + len(drafts)):
+                seq.draft_token_ids = drafts
+                seq.num_scheduled_tokens += len(drafts)
+                added += len(drafts)
+        return added
+
+    def postprocess(self, seqs: list[Sequence], sampled: Seq[int | list[int] | None]) -> None:
+        """Advance the scheduled sequences; append each one's new token (None for a prompt
+        chunk short of its end), or after drafts the list of its accepted ones and the next;
+        key full blocks."""
+        for seq, new in zip(seqs, sampled, strict=True):
+            token_ids = [] if new is None else [new] if isinstance(new, int) else new
             num_prompt = min(
                 seq.num_scheduled_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
             )
-            served = max(num_prompt, 0) + (2 if token_id is not None else 0)
+            served = max(num_prompt, 0) + 2 * len(token_ids)
             self.service[seq.fairness_key] += served
+            num_drafts = len(seq.draft_token_ids)
+            if num_drafts:
+                # accepted drafts were computed with the right prefix; the rest are stale rows
+                num_accepted = len(token_ids) - 1
+                seq.num_scheduled_tokens -= num_drafts - num_accepted
+                if self.speculator is not None:
+                    self.speculator.observe(seq, num_drafts, num_accepted)
+                seq.draft_token_ids = []
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if token_id is not None:
-                seq.token_ids.append(token_id)
+            seq.token_ids.extend(token_ids)
             self.kv_cache.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -265,6 +305,7 @@ class Scheduler:
             del self._num_active[seq.fairness_key]
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.draft_token_ids = []
         try:
             self.kv_cache.free(seq)  # a no-op for a sequence that holds no blocks
         finally:

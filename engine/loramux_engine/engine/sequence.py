@@ -59,6 +59,11 @@ class Sequence:
         self.num_emitted_tokens = 0
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
+        # Speculative decoding (engine/spec_decode.py): the draft tokens going through the
+        # model after its last token this step, to be verified; empty otherwise. Never in
+        # token_ids, never counted as computed until accepted.
+        self.draft_token_ids: list[int] = []
+        self.spec: object | None = None  # the speculator's per-sequence state
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -74,6 +79,23 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def scheduled_token_ids(self) -> list[int]:
+        """The tokens going through the model this step: uncomputed ones, then drafts."""
+        start = self.num_computed_tokens
+        if not self.draft_token_ids:
+            return self.token_ids[start : start + self.num_scheduled_tokens]
+        return self.token_ids[start:] + self.draft_token_ids
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Rows of this step's logits the sequence samples from: 0 for a prompt chunk that
+        does not reach its end, 1 for a plain step, 1 + drafts for a speculative one."""
+        end = self.num_computed_tokens + self.num_scheduled_tokens
+        if end < len(self.token_ids) + len(self.draft_token_ids):
+            return 0
+        return 1 + len(self.draft_token_ids)
 
     @property
     def is_finished(self) -> bool:

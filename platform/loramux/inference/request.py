@@ -126,6 +126,15 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     return bool(options.get("include_usage", False))
 
 
+def _speculative(body: dict[str, Any]) -> bool | None:
+    """The ``speculative`` extension: true or false asks for or refuses speculative
+    decoding; absent or null leaves it to the server (LORAMUX_ENGINE_SPECULATIVE)."""
+    value = body.get("speculative")
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest("speculative must be true, false or absent", param="speculative")
+    return value
+
+
 def _check_unsupported(body: dict[str, Any]) -> None:
     for name, refused in UNSUPPORTED.items():
         if name in body and refused(body[name]):
@@ -144,6 +153,7 @@ def _sampling(
             max_tokens=max_tokens,
             stop=_stop(body),
             logprobs=logprobs,
+            speculative=_speculative(body),
         )
     except InvalidSamplingParamsError as error:
         raise InvalidRequest(str(error)) from error

@@ -27,16 +27,23 @@ def hostile_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     real_sample = model_runner.sample
 
     def sample(
-        logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        drafts: list[list[int]] | None = None,
     ) -> list[SampledToken]:
         if any(p.seed == RAISE_SEED for p in params):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        # The marked rows' logits become NaN, as a hostile adapter's overflow makes them.
+        # The marked rows' logits become NaN, as a hostile adapter's overflow makes them
+        # (a request verifying speculative drafts has a row per draft, plus one).
         logits = logits.clone()
+        row = 0
         for i, p in enumerate(params):
+            num_rows = 1 + len(drafts[i]) if drafts is not None else 1
             if p.seed == NAN_SEED:
-                logits[i] = float("nan")
-        return real_sample(logits, params, generators)
+                logits[row : row + num_rows] = float("nan")
+            row += num_rows
+        return real_sample(logits, params, generators, drafts)
 
     monkeypatch.setattr(model_runner, "sample", sample)
 
