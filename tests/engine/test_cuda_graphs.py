@@ -138,6 +138,13 @@ def static_engine(model_dir: Path, source: Path, device: str) -> tuple[LLMEngine
         assert engine.runner.decode_graphs is None  # cuda_graphs is ignored on a CPU
         graphs = engine.runner.make_decode_graphs(engine.config.max_num_seqs, capture=False)
         engine.runner.decode_graphs = graphs
+        # what a capture at start runs, on padding rows alone: it writes the scratch block only
+        kv = engine.runner.kv_cache
+        graphs.capture_all(lora=False)
+        graphs.capture_all(lora=True)
+        scratch = graphs.scratch_block * graphs.block_size
+        assert kv[..., scratch, :].abs().sum() > 0
+        assert kv[..., :scratch, :].abs().sum() == 0 == kv[..., scratch + 1 :, :].abs().sum()
     return engine, graphs
 
 

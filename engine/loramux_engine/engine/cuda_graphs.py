@@ -17,9 +17,11 @@ slot is 0, so LoRA skips it, and its logits are dropped. Everything else in a st
 host-side before the replay (these copies) or after it (sampling), so the kernels in
 between do no host sync and take no data-dependent shape (kernels/triton_*.py).
 
-Graphs are captured lazily, the first time a (bucket, with LoRA or not) meets a step:
-that step runs once eagerly (compiling the Triton kernels; it writes the same keys and
-values the replay writes again), is captured, then replayed. Prompt steps, mixed steps,
+Graphs are captured when the engine starts (``capture_all``: the runner's without LoRA, then
+with LoRA once adapters are attached), over padding rows alone, each after one eager run
+that compiles the Triton kernels; one still missing is captured the first time a step
+needs it (that step runs once eagerly, writing the same keys and values the replay
+writes again). Prompt steps, mixed steps,
 speculative steps (several rows per sequence) and batches above max_num_seqs run eagerly
 (model_runner.py). A capture that fails turns graphs off for the engine, with a warning.
 
@@ -129,22 +131,40 @@ class DecodeGraphs:
         key = (size, lora)
         if not self.capture:
             return self._forward(size, lora)[: len(seqs)]
-        if key not in self._graphs:
-            try:
-                self._capture(key)
-            except Exception:
-                logger.warning(
-                    "capturing the decode step of batch %d failed; CUDA graphs are off",
-                    size,
-                    exc_info=True,
-                )
-                self.enabled = False
-                self._graphs.clear()
-                return None
+        if key not in self._graphs and not self._try_capture(key):
+            return None
         graph, logits = self._graphs[key]
         graph.replay()
         self.num_replays += 1
         return logits[: len(seqs)]
+
+    @torch.inference_mode()
+    def capture_all(self, lora: bool) -> None:
+        """Capture every bucket's graph now, largest first (the memory pool they share
+        serves the smaller ones from the larger's), over padding rows alone: no request
+        waits for a capture. ``lora``: the graphs with the LoRA kernels, else without.
+        With ``capture=False`` each bucket's padding-only step runs once instead."""
+        for size in reversed(self.buckets):
+            self._fill([], size)
+            self.tiles[:size].zero_()
+            if not self.capture:
+                self._forward(size, lora)
+            elif self.enabled and (size, lora) not in self._graphs:
+                self._try_capture((size, lora))
+
+    def _try_capture(self, key: tuple[int, bool]) -> bool:
+        try:
+            self._capture(key)
+        except Exception:
+            logger.warning(
+                "capturing the decode step of batch %d failed; CUDA graphs are off",
+                key[0],
+                exc_info=True,
+            )
+            self.enabled = False
+            self._graphs.clear()
+            return False
+        return True
 
     def _fill(self, seqs: Seq[Sequence], size: int) -> bool:
         """Copy the step into the static buffers, padded to ``size`` rows; True with LoRA."""
@@ -163,7 +183,7 @@ class DecodeGraphs:
         ]
         self.rows[:, :size].copy_(torch.tensor(rows, dtype=torch.long))
         self._slot_ids = rows[SLOTS]
-        width = max(len(t) for t in tables)
+        width = max((len(t) for t in tables), default=1)
         padded = [t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * pad
         self.block_ids[:size, :width].copy_(torch.tensor(padded, dtype=torch.long))
         if not any(slot_ids):

@@ -89,6 +89,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.attention_backend == "triton":  # on CUDA only
             self.decode_graphs = self.make_decode_graphs(max_num_seqs, capture=True)
+            self.decode_graphs.capture_all(lora=False)
         logger.info("CUDA graphs for decode: %s", "on" if self.decode_graphs else "off")
 
     def make_decode_graphs(self, max_num_seqs: int, capture: bool) -> DecodeGraphs:
@@ -114,6 +115,8 @@ class ModelRunner:
             if isinstance(module, Linear) and module.projection in pool.projections:
                 layer = int(name.split(".")[2])  # model.layers.<i>.<self_attn|mlp>.<proj>
                 module.lora_stack = pool.stack(layer, module.projection)
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture_all(lora=True)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
