@@ -231,6 +231,11 @@ def test_a_refused_request_is_traced_by_its_error_code(
     auth = only(trace, "loramux.auth")
     assert auth.attributes["error.type"] == "invalid_api_key"
     assert_no_text(trace, "lmx_not-a-real-key")
+    # Probes and scrapes make no traces; a path that only contains their names does.
+    client.get("/healthz")
+    client.get("/v1/adapters/metrics", headers={"Authorization": "Bearer lmx_x"})
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert "GET /healthz" not in names and "GET /v1/adapters/metrics" in names
 
 
 class OtlpReceiver:
