@@ -1,12 +1,13 @@
 // loramux admin console: plain DOM, no framework, no build step.
 
-import {
-  $, KEY_STORAGE, api, el, fill, guarded, head, number, row, show, time,
-} from "./lib.js";
+import * as batches from "./batches.js";
+import { refreshEngine } from "./engine.js";
+import { $, KEY_STORAGE, api, el, fill, guarded, head, row, show, time } from "./lib.js";
+import * as prices from "./prices.js";
 import * as tenants from "./tenants.js";
 
 const ENGINE_REFRESH_MS = 3000;
-const SECTIONS = ["login", "tenants", "tenant", "engine", "audit"];
+const SECTIONS = ["login", "tenants", "tenant", "batches", "engine", "prices", "audit"];
 
 let engineTimer = null;
 
@@ -35,35 +36,6 @@ function signOut(message) {
   route();
 }
 
-// --- engine ---------------------------------------------------------------------------------
-
-const ENGINE_CARDS = [
-  ["num_running", "Running requests", (v) => number(v)],
-  ["num_waiting", "Waiting requests", (v) => number(v)],
-  ["kv_cache_usage", "KV cache in use", (v) => `${number(v * 100, 1)} %`],
-  ["generation_tokens_per_s", "Generated tokens / s", (v) => number(v, 1)],
-  ["prompt_tokens_per_s", "Prompt tokens / s", (v) => number(v, 1)],
-  ["num_finished_total", "Finished requests", (v) => number(v)],
-  ["num_generation_tokens_total", "Tokens generated", (v) => number(v)],
-  ["num_prompt_tokens_total", "Prompt tokens", (v) => number(v)],
-];
-
-async function refreshEngine() {
-  await guarded("engine-error", async () => {
-    const engine = await api("GET", "/admin/api/engine");
-    $("engine-stats").replaceChildren(
-      el("div", { className: "card" },
-        el("dt", {}, "Base model"), el("dd", {}, engine.base_model_id)),
-      ...ENGINE_CARDS.map(([field, label, format]) => el("div", { className: "card" },
-        el("dt", {}, label), el("dd", { id: `stat-${field}` }, format(engine.stats[field])))),
-    );
-    const counters = Object.entries(engine.adapter_cache).sort(([a], [b]) => a.localeCompare(b));
-    fill("cache-body", counters.map(([name, value]) => row(name, number(value, 3))),
-      "The engine has reported no adapter-cache counters yet.");
-    $("engine-updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
-  });
-}
-
 // --- audit log ------------------------------------------------------------------------------
 
 function details(values) {
@@ -84,8 +56,9 @@ async function renderAudit() {
     fill("audit-body", data.map((entry) => row(
       time(entry.created_at),
       entry.actor,
-      el("code", {}, entry.action),
-      entry.target_type ? `${entry.target_type} ${entry.target_id ?? ""}` : "",
+      el("code", { className: "nowrap" }, entry.action),
+      entry.target_type ? el("span", {}, `${entry.target_type} `,
+        el("code", {}, entry.target_id ?? "")) : "",
       tenantLink(entry.tenant_id),
       details(entry.details),
     )), "No entries yet.");
@@ -113,6 +86,8 @@ function route() {
   if (current === "login") $("admin-key").focus();
   if (current === "tenants") tenants.renderTenants();
   if (current === "tenant") tenants.renderTenant(decodeURIComponent(arg || ""));
+  if (current === "batches") batches.renderBatches();
+  if (current === "prices") prices.renderPrices();
   if (current === "audit") renderAudit();
   if (current === "engine") {
     refreshEngine();
@@ -122,6 +97,8 @@ function route() {
 
 function init() {
   tenants.bindTenants();
+  batches.bindBatches();
+  prices.bindPrices();
   $("login-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", () => signOut(""));
   window.addEventListener("loramux:unauthorized", (event) => signOut(event.detail));

@@ -24,29 +24,64 @@ export function row(...cells) {
   return el("tr", {}, ...cells.map((cell) => el("td", {}, cell)));
 }
 
+// SVG elements (charts are plain inline SVG built here: no library, nothing inline for the CSP).
+const SVG_NS = "http://www.w3.org/2000/svg";
+export function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
 // Fills a table body with rows, or with one full-width line saying there is nothing yet.
+// Each cell is labelled with its column's heading: narrow screens show tables as stacked
+// label/value lines (console.css), never wider than their card.
 export function fill(bodyId, rows, emptyText) {
   const body = $(bodyId);
+  const headings = [...body.closest("table").tHead.rows[0].cells].map((cell) => cell.textContent);
   if (rows.length) {
+    for (const tr of rows) {
+      [...tr.cells].forEach((cell, i) => { cell.dataset.label = headings[i] ?? ""; });
+    }
     body.replaceChildren(...rows);
     return;
   }
-  const columns = body.closest("table").tHead.rows[0].cells.length;
-  body.replaceChildren(el("tr", {}, el("td", { colSpan: columns, className: "empty" }, emptyText)));
+  body.replaceChildren(el("tr", {},
+    el("td", { colSpan: headings.length, className: "empty" }, emptyText)));
 }
 
 export function head(id, names) {
   $(id).replaceChildren(...names.map((name) => el("th", { scope: "col" }, name)));
 }
 
+// Every time the console shows is UTC, written the same way.
+export function utc(seconds) {
+  return `${new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 19)} UTC`;
+}
+
 export function time(seconds) {
   if (seconds == null) return "never";
-  const iso = new Date(seconds * 1000).toISOString();
-  return el("time", { dateTime: iso }, `${iso.replace("T", " ").slice(0, 19)} UTC`);
+  return el("time", { dateTime: new Date(seconds * 1000).toISOString() }, utc(seconds));
+}
+
+export function usd(value) {
+  // value: the API's decimal string (six places); shown to the cent, or more when tiny.
+  const n = Number(value ?? 0);
+  if (n !== 0 && Math.abs(n) < 0.01) return `$${n.toFixed(6).replace(/0+$/, "")}`;
+  return `$${n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`;
+}
+
+export function compact(value) {
+  return Number(value ?? 0).toLocaleString("en-US", { notation: "compact", maximumFractionDigits: 1 });
+}
+
+export function of(used, limit, format = number) {
+  return `${format(used)} / ${limit == null ? "unlimited" : format(limit)}`;
 }
 
 export function bytes(value) {
   if (value == null) return "unlimited";
+  value = Number(value);
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let n = value;
   let unit = 0;
@@ -77,7 +112,7 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(method, path, body) {
+async function call(method, path, body) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY_STORAGE) || ""}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
@@ -89,8 +124,8 @@ export async function api(method, path, body) {
   } catch (error) {
     throw new ApiError(0, `Could not reach the server (${error.message}).`);
   }
+  if (response.ok) return response;
   const payload = await response.json().catch(() => null);
-  if (response.ok) return payload;
   const detail = payload && payload.error;
   let message = detail && detail.message ? detail.message : `HTTP ${response.status}`;
   if (detail && detail.param) message += ` (field: ${detail.param})`;
@@ -99,6 +134,23 @@ export async function api(method, path, body) {
     window.dispatchEvent(new CustomEvent("loramux:unauthorized", { detail: message }));
   }
   throw new ApiError(response.status, message);
+}
+
+export async function api(method, path, body) {
+  const response = await call(method, path, body);
+  return response.json().catch(() => null);
+}
+
+// A file from the API (it needs the Bearer header, so no plain link), saved by the browser.
+export async function download(path, filename) {
+  const blob = await (await call("GET", path)).blob();
+  const url = URL.createObjectURL(blob);
+  const link = el("a", { href: url, download: filename, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  return blob;
 }
 
 // Runs an action, shows its error in the section's alert region, and never throws.

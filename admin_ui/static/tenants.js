@@ -1,8 +1,10 @@
 // Tenants: the list, one tenant's quotas and status, and its API keys.
 
 import {
-  $, api, badge, bytes, confirmAction, el, fill, guarded, head, row, show, time,
+  $, api, badge, bytes, compact, confirmAction, el, fill, guarded, head, number, of, row, show,
+  time, usd,
 } from "./lib.js";
+import * as detail from "./tenant_detail.js";
 
 const TENANT_SCOPES = ["inference", "adapters:read", "adapters:write", "batches"];
 const QUOTAS = [
@@ -14,21 +16,33 @@ const QUOTAS = [
   ["max_storage_bytes", "Storage", "Storage (bytes)"],
 ];
 
-function quota(field, value) {
-  if (field === "max_storage_bytes") return bytes(value);
-  return value == null ? "unlimited" : value.toLocaleString("en-US");
-}
-
 // --- tenants --------------------------------------------------------------------------------
 
+function limits(t) {
+  const rate = (value, unit) => (value == null ? null : `${compact(value)} ${unit}`);
+  const parts = [
+    rate(t.requests_per_minute, "req/min"),
+    rate(t.tokens_per_minute, "tok/min"),
+    rate(t.max_concurrent_requests, "concurrent"),
+  ].filter(Boolean);
+  return parts.length ? parts.join(", ") : "unlimited";
+}
+
 export async function renderTenants() {
-  head("tenants-head", ["Name", "Status", ...QUOTAS.map(([, label]) => label), "Created"]);
+  head("tenants-head", [
+    "Name", "Status", "Adapters", "Storage", "Tokens this month", "Cost this month",
+    "Rate limits", "Created",
+  ]);
   await guarded("tenants-error", async () => {
     const { data } = await api("GET", "/admin/api/tenants");
     fill("tenants-body", data.map((t) => row(
       el("a", { href: `#tenant/${encodeURIComponent(t.id)}` }, t.name),
       badge(t.status),
-      ...QUOTAS.map(([field]) => quota(field, t[field])),
+      of(t.usage.adapters_used, t.max_adapters),
+      of(t.usage.storage_used_bytes, t.max_storage_bytes, bytes),
+      of(t.usage.this_month.total_tokens, t.monthly_token_quota, compact),
+      usd(t.usage.this_month.cost_usd),
+      limits(t),
       time(t.created_at),
     )), "No tenants yet.");
   });
@@ -50,13 +64,54 @@ function tenantPath(id) {
   return `/admin/api/tenants/${encodeURIComponent(id)}`;
 }
 
+// Forms keep nothing typed for one tenant when another is opened.
+function resetForms() {
+  $("key-create").reset();
+  $("usage-form").reset();
+  $("statement-form").reset();
+  $("statement-month").value = new Date().toISOString().slice(0, 7);
+  $("quota-form").replaceChildren();
+  for (const id of ["tenant-summary", "usage-chart", "usage-body", "adapters-body",
+    "tenant-batches-body", "keys-body"]) $(id).replaceChildren();
+  $("usage-total").textContent = "";
+}
+
 export async function renderTenant(id) {
   dismissSecret();
   show("tenant-notice", "");
+  if ($("tenant").dataset.tenantId !== id) {
+    resetForms();
+    $("tenant").dataset.tenantId = id;
+  }
   await guarded("tenant-error", async () => {
-    fillTenant(await api("GET", tenantPath(id)));
-    await renderKeys(id);
+    const tenant = await api("GET", tenantPath(id));
+    fillTenant(tenant);
+    await Promise.all([
+      refreshSummary(tenant), renderKeys(tenant.id), detail.renderDetail(tenant.id),
+    ]);
   });
+}
+
+async function refreshSummary(tenant) {
+  const { data } = await api("GET", "/admin/api/tenants");
+  const listed = data.find((t) => t.id === tenant.id);
+  fillSummary(tenant, listed ? listed.usage : null);
+}
+
+function fillSummary(tenant, usage) {
+  if (!usage) return;
+  const card = (label, value, id) => el("div", { className: "card" },
+    el("dt", {}, label), el("dd", id ? { id } : {}, value));
+  const month = usage.this_month;
+  $("tenant-summary").replaceChildren(
+    card("Adapters", of(usage.adapters_used, tenant.max_adapters), "summary-adapters"),
+    card("Storage", of(usage.storage_used_bytes, tenant.max_storage_bytes, bytes),
+      "summary-storage"),
+    card("Tokens this month", of(month.total_tokens, tenant.monthly_token_quota, compact),
+      "summary-tokens"),
+    card("Requests this month", number(month.num_requests)),
+    card("Cost this month", usd(month.cost_usd), "summary-cost"),
+  );
 }
 
 function fillTenant(tenant) {
@@ -103,6 +158,7 @@ async function saveQuotas(event) {
   if (tenant) {
     fillTenant(tenant);
     show("tenant-notice", "Quotas saved.");
+    await guarded("tenant-error", () => refreshSummary(tenant));
   }
 }
 
@@ -185,7 +241,9 @@ async function revokeKey(key) {
 
 export function bindTenants() {
   const scopeBox = (scope) => el("label", { className: "check" },
-    el("input", { type: "checkbox", name: "scopes", value: scope, checked: true }), ` ${scope}`);
+    el("input", {
+      type: "checkbox", name: "scopes", value: scope, checked: true, defaultChecked: true,
+    }), ` ${scope}`);
   $("scope-boxes").replaceChildren(...TENANT_SCOPES.map(scopeBox));
   $("tenant-create").addEventListener("submit", createTenant);
   $("quota-form").addEventListener("submit", saveQuotas);
@@ -193,4 +251,5 @@ export function bindTenants() {
   $("key-create").addEventListener("submit", createKey);
   $("secret-copy").addEventListener("click", copySecret);
   $("secret-done").addEventListener("click", dismissSecret);
+  detail.bindDetail();
 }

@@ -20,7 +20,18 @@ from loramux_engine.outputs import EngineStats
 from tests.platform.conftest import admin_headers
 from tests.platform.registry_rows import add_adapter_version
 
-ASSETS = ["console.js", "lib.js", "tenants.js", "console.css", "favicon.svg"]
+ASSETS = [
+    "console.js",
+    "lib.js",
+    "tenants.js",
+    "tenant_detail.js",
+    "batches.js",
+    "engine.js",
+    "prices.js",
+    "chart.js",
+    "console.css",
+    "favicon.svg",
+]
 
 
 class StubEngine:
