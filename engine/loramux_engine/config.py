@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from loramux_engine.errors import EngineConfigError
+from loramux_engine.layers.quant import INT4_GROUP_SIZES, QUANTIZATION_MODES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,6 +36,10 @@ class EngineConfig:
     num_threads: int | None = None
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
     cpu_onednn_matmul: bool = True  # projections through oneDNN on CPU in fp32 (layers/linear.py)
+    # Weight-only quantization of the projections and the LM head (layers/quant.py): "none",
+    # "int8" (per output channel) or "int4" (groups of quantization_group_size, Q4_1-style).
+    quantization: str = "none"
+    quantization_group_size: int = 32
     # Decode steps replayed from CUDA graphs, one per batch-size bucket (engine/cuda_graphs.py);
     # on CUDA with the Triton kernels only, ignored elsewhere.
     cuda_graphs: bool = True
@@ -75,6 +80,16 @@ class EngineConfig:
             raise EngineConfigError("num_speculative_tokens must be in 1..64")
         if self.speculative_max_batch_tokens is not None and self.speculative_max_batch_tokens < 1:
             raise EngineConfigError("speculative_max_batch_tokens must be positive")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise EngineConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                f"not {self.quantization!r}"
+            )
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise EngineConfigError(
+                f"quantization_group_size must be one of {INT4_GROUP_SIZES}, "
+                f"not {self.quantization_group_size}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise EngineConfigError("max_model_len must be at least 2")
         if self.num_threads is not None and self.num_threads < 1:

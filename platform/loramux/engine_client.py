@@ -120,6 +120,8 @@ def engine_config_from_settings(
         speculative=settings.engine_speculative,
         num_speculative_tokens=settings.engine_num_speculative_tokens,
         num_threads=settings.engine_num_threads,
+        quantization=settings.quantization,
+        quantization_group_size=settings.quantization_group_size,
         cuda_graphs=settings.engine_cuda_graphs,
         adapter_source=StorageAdapterSource(storage) if merged_adapter is None else None,
         merged_adapter=str(merged_adapter) if merged_adapter is not None else None,

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     # overrides it. Drafts per sequence and step at most.
     engine_speculative: Literal["off", "on", "auto"] = "auto"
     engine_num_speculative_tokens: int = Field(default=5, ge=1, le=64)
+    # Weight-only quantization of the base model's projections and LM head: none, int8 (per
+    # output channel, symmetric) or int4 (groups of quantization_group_size input weights,
+    # an fp16 scale and minimum each, as GGUF's Q4_1); adapters stay in the activation dtype.
+    quantization: Literal["none", "int8", "int4"] = "none"
+    quantization_group_size: int = 32
     # The engine's CPU threads; None: one per CPU it may use (affinity, cgroup quota), fewer
     # while other processes keep some of those CPUs busy.
     engine_num_threads: int | None = Field(default=None, ge=1)
@@ -179,6 +184,13 @@ class Settings(BaseSettings):
     # The CLI's client side (`loramux adapters push`): LORAMUX_BASE_URL, LORAMUX_API_KEY.
     base_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
+
+    @field_validator("quantization_group_size")
+    @classmethod
+    def _int4_group_size(cls, value: int) -> int:
+        if value not in (32, 64, 128, 256):
+            raise ValueError("must be 32, 64, 128 or 256, the group sizes torch's int4 kernels take")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

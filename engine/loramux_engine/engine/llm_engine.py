@@ -91,6 +91,8 @@ class LLMEngine:
             config.cpu_onednn_matmul,
             max_num_seqs=config.max_num_seqs,
             cuda_graphs=config.cuda_graphs,
+            quantization=config.quantization,
+            quantization_group_size=config.quantization_group_size,
             merged_adapter=(
                 read_adapter_for_model(
                     config.model_dir, config.merged_adapter, config.max_lora_rank

@@ -38,12 +38,23 @@ class ModelRunner:
         merged_adapter: LoRAAdapter | None = None,
         max_num_seqs: int = 64,
         cuda_graphs: bool = False,
+        quantization: str = "none",
+        quantization_group_size: int = 32,
     ) -> None:
         self.device = device
         self.dtype = dtype
         if device.type == "cpu":
             keep_large_blocks()
-        self.model = load_model(model_dir, args, max_model_len, dtype, device, merged_adapter)
+        self.model = load_model(
+            model_dir,
+            args,
+            max_model_len,
+            dtype,
+            device,
+            merged_adapter,
+            quantization,
+            quantization_group_size,
+        )
         cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         self.onednn_matmul = cpu_onednn_matmul and cpu_fp32 and onednn_available()
         if self.onednn_matmul:

@@ -10,6 +10,10 @@ paths on Intel CPUs; on an AMD EPYC (Zen 5) oneDNN measured 2.0 to 2.8 times MKL
 on SmolLM2-135M's projection shapes from 16 to 2,048 tokens; at 1 token it is within a few
 microseconds of MKL, and 3 times faster on the LM head. Both compute in fp32; the sums are
 ordered differently, so results differ in the last bits.
+
+With weight-only quantization (``quantize``, layers/quant.py) the weight is held as int8 or
+int4 codes and the base matmul runs through torch's mixed-precision kernel for them; LoRA is
+still added on top in the activation dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loramux_engine.layers.quant import QuantizedWeight, quantize_weight
 from loramux_engine.lora.ops import LoRAStack, add_lora
 from loramux_engine.utils.context import get_context
 
@@ -42,17 +47,35 @@ class Linear(nn.Module):
         self.lora_stack: LoRAStack | None = None
         # oneDNN's opaque copy of the weight, set by pack_for_onednn
         self.onednn_weight: torch.Tensor | None = None
+        # the int8 / int4 weight, set by quantize
+        self.quantized: QuantizedWeight | None = None
+
+    def quantize(self, mode: str, group_size: int) -> None:
+        """Hold the weight as ``mode`` codes (layers/quant.py) and drop the plain copy.
+
+        A weight shared with another module (the tied embedding) keeps its plain copy there,
+        unquantized.
+        """
+        weight = self.weight.detach()
+        self.quantized = quantize_weight(weight, mode, weight.dtype, group_size)
+        self.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
 
     def pack_for_onednn(self) -> None:
         """Reorder the weight for oneDNN (CPU, fp32) and drop the plain copy.
 
-        A weight shared with another module (a tied LM head) keeps its plain copy there.
+        A weight shared with another module (a tied LM head) keeps its plain copy there. A
+        quantized weight keeps its own kernel.
         """
+        if self.quantized is not None:
+            return
         self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> x @ W.T + b: [num_tokens, out_features]
+        if self.quantized is not None:
+            y = self.quantized.matmul(x)
+            return y if self.bias is None else y.add_(self.bias)
         if self.onednn_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.onednn_weight, self.bias, "none", [], ""

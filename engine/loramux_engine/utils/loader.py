@@ -9,7 +9,9 @@ from collections.abc import Callable
 import torch
 from safetensors import safe_open
 
-from loramux_engine.errors import ModelLoadError
+from loramux_engine.errors import EngineConfigError, ModelLoadError
+from loramux_engine.layers.linear import Linear
+from loramux_engine.layers.quant import QuantizationError
 from loramux_engine.layers.rotary_embedding import RotaryEmbedding, rope_inv_freq
 from loramux_engine.lora.adapter import LoRAAdapter
 from loramux_engine.lora.merge import WeightMerger
@@ -44,8 +46,14 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     merged_adapter: LoRAAdapter | None = None,
+    quantization: str = "none",
+    quantization_group_size: int = 32,
 ) -> LlamaForCausalLM:
-    """The model; with ``merged_adapter``, its weights hold that adapter merged (lora/merge.py)."""
+    """The model; with ``merged_adapter``, its weights hold that adapter merged (lora/merge.py).
+
+    With ``quantization`` int8 or int4 every projection and the LM head hold their weights
+    quantized (layers/quant.py), after any merge; a tied embedding stays as loaded.
+    """
     inv_freq = rope_inv_freq(
         args.head_dim,
         args.rope_theta,
@@ -73,4 +81,14 @@ def load_model(
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict({n: weights[n] for n in expected}, strict=True, assign=True)
+    del weights
+    if quantization != "none":
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                try:
+                    module.quantize(quantization, quantization_group_size)
+                except QuantizationError as exc:
+                    raise EngineConfigError(
+                        f"cannot quantize {name} to {quantization}: {exc}"
+                    ) from None
     return model.eval()

@@ -1,0 +1,104 @@
+"""The CPU int8 / int4 weight-only matmuls with fp32 activations (quant_matmul.c), via ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from loramux_engine.kernels.build import load_library
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    c_ptr, c_int64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures: dict[str, list[type[ctypes._SimpleCData[Any]]]] = {
+        "int8_matmul": [c_ptr, c_int64, c_ptr, c_ptr, c_ptr, c_int64, c_int64, c_int64, c_int],
+        "int4_matmul": [
+            *(c_ptr, c_int64, c_ptr, c_ptr, c_ptr, c_int64, c_ptr),
+            *(c_int64, c_int64, c_int64, c_int),
+        ],
+        "int8_dequantize": [c_ptr, c_ptr, c_ptr, c_int64, c_int64, c_int],
+        "int4_dequantize": [c_ptr, c_ptr, c_ptr, c_int64, c_ptr, c_int64, c_int64, c_int],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(library, name)
+        fn.restype = c_int
+        fn.argtypes = argtypes
+
+
+def load() -> ctypes.CDLL | None:
+    return load_library("quant_matmul", _declare)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``q: [out, in]`` codes in [0, 15] -> ``[out, in / 2] uint8``: per 32-weight chunk, byte j
+    holds weight j (low nibble) and weight 16 + j (high nibble)."""
+    chunks = q.to(torch.uint8).view(q.shape[0], -1, 2, 16)
+    return (chunks[:, :, 0] | chunks[:, :, 1] << 4).reshape(q.shape[0], -1).contiguous()
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{name} kernel refused its shapes (status {status})")
+
+
+def int8_matmul(
+    library: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    # x: [num_tokens, in] fp32, rows contiguous; q: [out, in] int8; scale: [out] fp32
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    status = library.int8_matmul(
+        x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), y.data_ptr(),
+        x.shape[0], q.shape[1], q.shape[0], torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "int8_matmul")
+    return y
+
+
+def int4_matmul(
+    library: ctypes.CDLL,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    # x: [num_tokens, in] fp32, rows contiguous; packed: [out, in / 2] (pack_int4);
+    # scale, minimum: [out, in / group_size] fp32
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    status = library.int4_matmul(
+        x.data_ptr(), x.stride(0), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+        group_size, y.data_ptr(), x.shape[0], packed.shape[1] * 2, packed.shape[0],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "int4_matmul")
+    return y
+
+
+def int8_dequantize(library: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # q: [out, in] int8; scale: [out] fp32 -> [out, in] fp32
+    w = torch.empty(q.shape, dtype=torch.float32)
+    status = library.int8_dequantize(
+        q.data_ptr(), scale.data_ptr(), w.data_ptr(), q.shape[1], q.shape[0],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "int8_dequantize")
+    return w
+
+
+def int4_dequantize(
+    library: ctypes.CDLL,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    # packed: [out, in / 2] (pack_int4); scale, minimum: [out, in / group_size] fp32
+    w = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+    status = library.int4_dequantize(
+        packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), group_size, w.data_ptr(),
+        w.shape[1], w.shape[0], torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "int4_dequantize")
+    return w
