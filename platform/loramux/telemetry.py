@@ -218,7 +218,7 @@ def asgi_middleware(request_hook: Any = None) -> list[Middleware]:
     return [
         Middleware(
             OpenTelemetryMiddleware,
-            excluded_urls="/healthz$,/readyz$,/metrics$",  # whole paths, not prefixes
+            excluded_urls="://[^/]+/(healthz|readyz|metrics)$",  # whole paths only
             server_request_hook=request_hook,
             tracer_provider=current,
             exclude_spans=["receive", "send"],
