@@ -146,6 +146,7 @@ def request_merge(
             session.add(merge)
         merge.status, merge.progress, merge.error, merge.size_bytes = "queued", 0.0, None, estimate
         merge.attempts, merge.due_at, merge.started_at, merge.finished_at = 0, None, None, None
+        merge.sha256, merge.files = None, None
         session.flush()
         record(
             session,
@@ -211,7 +212,8 @@ def merge_view(
 
 def merged_file(merge: AdapterMerge, filename: str) -> dict[str, Any]:
     """The export's entry for ``filename``; 404 unless the merge succeeded and holds it."""
-    for entry in merge.files or [] if merge.status == "succeeded" else []:
+    entries = (merge.files or []) if merge.status == "succeeded" else []
+    for entry in entries:
         if entry["name"] == filename:
             return dict(entry)
     raise NotFound(f"the merged model has no file {filename!r}", code="file_not_found")

@@ -206,3 +206,34 @@ def test_merged_files_stream_from_local_storage(  # type: ignore[no-untyped-def]
     assert local_client.delete("/v1/adapters/bot", headers=bearer(secret)).status_code == 200
     assert set(remove_orphaned_merges(db, storage)) == stored
     assert list(storage.list("merges/")) == []
+
+
+def test_a_failed_merge_says_why_frees_its_quota_and_can_be_requested_again(  # type: ignore[no-untyped-def]
+    local_client: TestClient, make_tenant, merge_adapter, db: sessionmaker[Session]
+) -> None:
+    adapter_dir, _ = merge_adapter
+    app: Any = local_client.app
+    settings, storage = app.state.loramux.settings, app.state.loramux.storage
+    tenant, secret = make_tenant("acme")
+    uploaded = upload(local_client, secret, "bot", adapter_dir).json()
+    version_id = uploaded["version_id"]
+    assert validate_version(db, storage, base_model_shape(settings), 64, version_id) == "ready"
+    weights_key = f"adapters/{uploaded['sha256']}/adapter_model.safetensors"
+    weights = storage.get_bytes(weights_key, expected_sha256=None)
+    storage.delete(weights_key)  # the store lost it
+
+    path = MERGE.format("bot", 1)
+    job = local_client.post(path, headers=bearer(secret)).json()
+    assert job["size_bytes"] > 0  # the estimate, reserved against the quota
+    assert run_merge(db, storage, settings, job["id"]) == "failed"
+    failed = local_client.get(path, headers=bearer(secret)).json()
+    assert failed["status"] == "failed" and "missing or damaged" in failed["error"]
+    assert (failed["size_bytes"], failed["files"]) == (0, [])
+    with db() as session:
+        assert registry.storage_used(session, tenant["id"]) == uploaded["size_bytes"]
+
+    storage.put(weights_key, weights)
+    again = local_client.post(path, headers=bearer(secret))
+    assert again.status_code == 202 and again.json()["id"] == job["id"]
+    assert (again.json()["status"], again.json()["error"]) == ("queued", None)
+    assert run_merge(db, storage, settings, job["id"]) == "succeeded"
