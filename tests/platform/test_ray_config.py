@@ -72,6 +72,18 @@ def test_replica_stats_sum() -> None:
     assert total.extra == {"adapter_cache_device_loads": 3.0}
 
 
+def test_replica_stats_sum_requests_per_tenant_and_list_every_resident_adapter() -> None:
+    a = EngineStats(num_running_by_key={"t1": 2}, num_waiting_by_key={"t2": 1})
+    b = EngineStats(num_running_by_key={"t1": 1, "t2": 4})
+    a.resident_adapters = [{"slot": 1, "id": "adv_a", "namespace": "t1", "pinned": True}]
+    b.resident_adapters = [{"slot": 1, "id": "adv_b", "namespace": "t2", "pinned": False}]
+    total = sum_stats([a, b])
+    assert total.num_running_by_key == {"t1": 3, "t2": 4}
+    assert total.num_waiting_by_key == {"t2": 1}
+    assert [r["id"] for r in total.resident_adapters] == ["adv_a", "adv_b"]
+    assert a.num_running_by_key == {"t1": 2}  # the replicas' own stats are left as they were
+
+
 @pytest.mark.parametrize("kv_cache_bytes", [256 << 10, 64 << 20], ids=["kv-capped", "context"])
 def test_the_clients_context_length_is_the_engines(
     tiny_llama_dir: Path, tmp_path: Path, kv_cache_bytes: int
