@@ -63,6 +63,21 @@ def test_only_pure_decode_steps_qualify() -> None:
     assert not is_decode_step([decode, chunk])
 
 
+def test_blocks_past_the_token_are_not_copied(tiny_llama_dir: Path) -> None:
+    """A decode row's table is cut at its token's block: a sequence holding more blocks
+    (a speculative step's) still fits the fixed stride of max_model_len's blocks."""
+    engine = LLMEngine(EngineConfig(str(tiny_llama_dir), max_model_len=16, kv_block_size=4))
+    graphs = engine.runner.make_decode_graphs(4, capture=False)
+    assert graphs.max_blocks_per_seq == 4
+    seq = Sequence("a", list(range(3, 19)), SamplingParams(), 16)  # 16 tokens: 4 blocks
+    seq.num_computed_tokens, seq.num_scheduled_tokens = 15, 1
+    seq.block_table = [7, 2, 5, 1, 0, 3]  # two past the token's
+    logits = graphs.run([seq])
+    assert logits is not None and logits.shape == (1, engine.model_args.vocab_size)
+    assert graphs.block_ids[0].tolist() == [7, 2, 5, 1]
+    assert graphs.rows[:, 0].tolist() == [18, 15, 1 * 4 + 3, 16, 0]
+
+
 @pytest.fixture(scope="module")
 def adapters(
     tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory

@@ -171,7 +171,8 @@ class DecodeGraphs:
         n, bs, scratch = len(seqs), self.block_size, self.scratch_block
         pad = size - n
         positions = [s.num_computed_tokens for s in seqs]
-        tables = [s.block_table for s in seqs]
+        # the blocks up to each token's own (a sequence may hold one past them, for drafts)
+        tables = [s.block_table[: p // bs + 1] for s, p in zip(seqs, positions, strict=True)]
         slot_ids = [s.adapter_slot for s in seqs]
         rows = [
             [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)] + [0] * pad,
