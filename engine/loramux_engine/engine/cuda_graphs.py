@@ -17,13 +17,13 @@ slot is 0, so LoRA skips it, and its logits are dropped. Everything else in a st
 host-side before the replay (these copies) or after it (sampling), so the kernels in
 between do no host sync and take no data-dependent shape (kernels/triton_*.py).
 
-Graphs are captured when the engine starts (``capture_all``: the runner's without LoRA, then
-with LoRA once adapters are attached), over padding rows alone, each after one eager run
-that compiles the Triton kernels; one still missing is captured the first time a step
-needs it (that step runs once eagerly, writing the same keys and values the replay
-writes again). Prompt steps, mixed steps,
-speculative steps (several rows per sequence) and batches above max_num_seqs run eagerly
-(model_runner.py). A capture that fails turns graphs off for the engine, with a warning.
+Graphs are captured when the engine starts (``capture_all``: without LoRA, then with LoRA
+once adapters are attached), over padding rows alone, each after one eager run that
+compiles the Triton kernels; one still missing is captured the first time a step needs it
+(that step runs once eagerly, writing the same keys and values the replay writes again).
+Prompt steps, mixed steps, speculative steps (several rows per sequence) and batches above
+max_num_seqs run eagerly (model_runner.py). A capture that fails turns graphs off for the
+engine, with a warning.
 
 ``capture=False`` runs the same padded static-buffer function eagerly: that is how the
 bucketing and padding are tested on a CPU (tests/engine/test_cuda_graphs.py), where the C
