@@ -255,6 +255,7 @@ def test_usage_cost_in_v1_usage_and_admin_usage_agree(
     acme = [r for r in admin["data"] if r["tenant"] == "acme"]
     assert {r["adapter"]: r["cost_usd"] for r in acme} == {r["adapter"]: r["cost_usd"] for r in own}
     assert admin["totals"]["num_requests"] == 4
+    assert (admin["start_date"], admin["end_date"]) == ("2026-03-16", "2026-03-16")
 
     filtered = client.get(
         f"/admin/api/usage?{dates}&tenant=acme&adapter=bot", headers=admin_headers()

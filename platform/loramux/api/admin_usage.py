@@ -3,7 +3,7 @@ tenant's monthly statement as CSV."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -101,7 +101,7 @@ async def usage(request: Request) -> JSONResponse:
             "data": rows[:limit],
             "has_more": len(rows) > limit,
             "start_date": start.isoformat(),
-            "end_date": end.isoformat(),
+            "end_date": (end - timedelta(days=1)).isoformat(),  # inclusive, as asked
             "totals": {
                 "num_requests": sum(line.num_requests for line in lines),
                 "prompt_tokens": sum(line.prompt_tokens for line in lines),
