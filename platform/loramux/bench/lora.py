@@ -15,7 +15,8 @@ on local disk:
 - modular or merged, for a single-adapter workload (every request on one adapter):
   engine_single_modular, the shared engine applying it through its LoRA slot, against
   engine_single_merged, an engine that loaded the base with it merged
-  (EngineConfig.merged_adapter: a dedicated deployment); with what each costs in memory
+  (EngineConfig.merged_adapter: a dedicated deployment), the two run in lockstep (a step
+  of each in turn, each timed on its own clock); with what each costs in memory
   (one base and a slot pool for every adapter, or one base per merged adapter), the time
   a merged export takes (lora/merge.py) and the extra load time of a merged engine.
 
@@ -142,20 +143,44 @@ def cold_load_extra_ttft(engine: Any, cold: list[Any], warm: Any, prompt: list[i
     return statistics.median(extras)
 
 
-def run_alternating(
-    cases: dict[str, Any], repeats: int
-) -> tuple[dict[str, SystemResult], dict[str, list[SystemResult]]]:
-    """Each of two cases ``repeats`` times in the order a, b, b, a, a, b (a machine that
-    drifts weighs on both alike); each case's median run, and all its runs."""
-    runs: dict[str, list[SystemResult]] = {name: [] for name in cases}
-    for repeat in range(repeats):
-        for name in list(cases)[:: 1 if repeat % 2 == 0 else -1]:
-            result, engine, _, _ = cases[name]()
-            runs[name].append(result)
-            engine.close()
-            del engine
-            gc.collect()
-    return {name: median_run(results) for name, results in runs.items()}, runs
+def run_lockstep(
+    engines: dict[str, Any],
+    prompts: list[list[int]],
+    output_tokens: int,
+    adapters: dict[str, list[Any] | None],
+) -> dict[str, SystemResult]:
+    """The same requests through each engine, one step of each in turn, each timed on its own
+    clock (the sum of its steps): a shared machine whose speed drifts weighs on all alike."""
+    from loramux_engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    busy = dict.fromkeys(engines, 0.0)
+    tokens = dict.fromkeys(engines, 0)
+    ttft: dict[str, dict[str, float]] = {name: {} for name in engines}
+    for name, engine in engines.items():
+        assigned = adapters[name]
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params, adapter=assigned[i] if assigned else None)
+    while any(engine.has_unfinished() for engine in engines.values()):
+        for name, engine in engines.items():
+            if not engine.has_unfinished():
+                continue
+            start = time.perf_counter()
+            outputs = engine.step()
+            busy[name] += time.perf_counter() - start
+            for out in outputs:
+                if out.error is not None:
+                    raise out.error
+                tokens[name] += len(out.new_token_ids)
+                if out.new_token_ids:
+                    ttft[name].setdefault(out.request_id, busy[name])
+    return {
+        name: SystemResult.from_run(
+            tokens[name], busy[name], list(ttft[name].values()), elapsed_s=busy[name],
+            threads=engine.threads.num_threads, lockstep=True,
+        )
+        for name, engine in engines.items()
+    }  # fmt: skip
 
 
 def merged_or_modular(
@@ -165,11 +190,11 @@ def merged_or_modular(
     prompts: list[list[int]],
     output_tokens: int,
     cache_dir: Path,
-    repeats: int,
-) -> tuple[dict[str, SystemResult], dict[str, list[SystemResult]], dict[str, Any]]:
+) -> tuple[dict[str, SystemResult], dict[str, Any]]:
     """Every request on the adapter ``ref``: through the shared engine's LoRA slot, and from
-    an engine that merged it into the base; plus what each costs in memory and time."""
-    from loramux_engine import EngineConfig, LLMEngine
+    an engine that merged it into the base, in lockstep; plus what each costs in memory and
+    time."""
+    from loramux_engine import EngineConfig, LLMEngine, SamplingParams
     from loramux_engine.lora import DirectorySource
     from loramux_engine.lora.files import WEIGHTS_NAME
     from loramux_engine.lora.merge import write_merged_model
@@ -178,29 +203,31 @@ def merged_or_modular(
     from loramux_engine.models.config import load_model_args
 
     adapter_dir = root / ref.sha256
-    assigned = [ref] * len(prompts)
-    source = DirectorySource(root)
-    cases = {
-        "engine_single_modular": lambda: run_engine(
-            model_dir, prompts, output_tokens, assigned, [ref],
-            adapter_source=source, max_loras=NUM_ADAPTERS, adapter_cache_dir=str(cache_dir),
-        ),
-        "engine_single_merged": lambda: run_engine(
-            model_dir, prompts, output_tokens, merged_adapter=str(adapter_dir)
-        ),
-    }  # fmt: skip
-    systems, runs = run_alternating(cases, repeats)
-
-    def load_s(**config: Any) -> float:
+    modular, merged = "engine_single_modular", "engine_single_merged"
+    configs: dict[str, dict[str, Any]] = {
+        modular: {
+            "adapter_source": DirectorySource(root),
+            "max_loras": NUM_ADAPTERS,
+            "adapter_cache_dir": str(cache_dir),
+        },
+        merged: {"merged_adapter": str(adapter_dir)},
+    }
+    engines, load_s = {}, {}
+    for name, config in configs.items():
         start = time.perf_counter()
-        engine = LLMEngine(EngineConfig(str(model_dir), dtype="float32", **config))
-        elapsed = time.perf_counter() - start
+        engines[name] = LLMEngine(
+            EngineConfig(str(model_dir), dtype="float32", max_num_seqs=len(prompts), **config)
+        )
+        load_s[name] = time.perf_counter() - start
+    warm_params = SamplingParams(temperature=0.0, max_tokens=2)
+    engines[modular].generate([prompts[0][:8]], warm_params, [ref])  # resident, paths warm
+    engines[merged].generate([prompts[0][:8]], warm_params)
+    assigned = {modular: [ref] * len(prompts), merged: None}
+    systems = run_lockstep(engines, prompts, output_tokens, assigned)
+    for engine in engines.values():
         engine.close()
-        del engine
-        gc.collect()
-        return elapsed
-
-    plain_load_s, merged_load_s = load_s(), load_s(merged_adapter=str(adapter_dir))
+    engines.clear()
+    gc.collect()
     with tempfile.TemporaryDirectory(prefix="loramux-bench-merge-") as out:
         start = time.perf_counter()
         write_merged_model(model_dir, adapter_dir, out, RANK)
@@ -212,8 +239,6 @@ def merged_or_modular(
     )  # fmt: skip
     base_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     slot_bytes = bytes_per_slot(shape, 64, torch.float32)  # the engine's pool rank (>= 64)
-    modular_bytes = base_bytes + (NUM_ADAPTERS + 1) * slot_bytes
-    merged_bytes = NUM_ADAPTERS * base_bytes
     section = {
         "adapter": {"rank": RANK, "targets": "all-linear"},
         "adapter_file_bytes": (adapter_dir / WEIGHTS_NAME).stat().st_size,
@@ -222,13 +247,16 @@ def merged_or_modular(
         "num_adapters": NUM_ADAPTERS,
         # weights (and LoRA pool) for NUM_ADAPTERS adapters: one shared engine with a slot
         # each, or one merged deployment each (KV caches come on top, one per engine)
-        f"weight_bytes_for_{NUM_ADAPTERS}_adapters_modular": modular_bytes,
-        f"weight_bytes_for_{NUM_ADAPTERS}_adapters_merged": merged_bytes,
+        f"weight_bytes_for_{NUM_ADAPTERS}_adapters_modular": base_bytes
+        + (NUM_ADAPTERS + 1) * slot_bytes,
+        f"weight_bytes_for_{NUM_ADAPTERS}_adapters_merged": NUM_ADAPTERS * base_bytes,
         "merged_export_s": export_s,
-        "engine_load_s": plain_load_s,
-        "merged_engine_load_s": merged_load_s,
+        # building each engine: the modular one allocates its slot pool, the merged one
+        # parses the adapter and merges it while loading
+        "engine_load_s": load_s[modular],
+        "merged_engine_load_s": load_s[merged],
     }
-    return systems, runs, section
+    return systems, section
 
 
 def median_run(results: list[SystemResult]) -> SystemResult:
@@ -314,12 +342,10 @@ def main(args: argparse.Namespace) -> int:
 
         systems["peft"] = run_peft(model_dir, root, hot, prompts, out_tokens, HF_BATCH[workload])
         gc.collect()
-        single_systems, single_runs, merged_section = merged_or_modular(
-            model_dir, root, hot[0], prompts, out_tokens, Path(tmp) / "cache-single",
-            1 if args.quick else REPEATS,
-        )  # fmt: skip
+        single_systems, merged_section = merged_or_modular(
+            model_dir, root, hot[0], prompts, out_tokens, Path(tmp) / "cache-single"
+        )
         systems |= single_systems
-        runs |= single_runs
     lora, base = systems["engine_lora"].tokens_per_s, systems["engine_base"].tokens_per_s
     ratios = {
         "lora_vs_base": lora / base,
@@ -344,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
         "adapter_targets": "all-linear",
         "peft_batch_size": HF_BATCH[workload],
         "engine_repeats": 1 if args.quick else REPEATS,
-        "single_adapter": "engine_single_*: every request on one adapter",
+        "single_adapter": "engine_single_*: every request on one adapter, run in lockstep",
         "thrash": {
             "num_adapters": NUM_THRASH_ADAPTERS,
             "num_device_slots": NUM_THRASH_SLOTS,
