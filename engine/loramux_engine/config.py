@@ -28,7 +28,7 @@ class EngineConfig:
     # `speculative` field overrides it. Drafts per sequence and step at most, and in "auto"
     # the most tokens a drafting step may run (None: by device, spec_decode.py).
     speculative: str = "auto"
-    num_speculative_tokens: int = 5
+    num_speculative_tokens: int = 8
     speculative_max_batch_tokens: int | None = None
     max_num_batched_tokens: int = 2048
     # CPU intra-op threads, fixed; None: one per CPU this process may use (affinity, cgroup
@@ -36,6 +36,7 @@ class EngineConfig:
     num_threads: int | None = None
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
     cpu_onednn_matmul: bool = True  # projections through oneDNN on CPU in fp32 (layers/linear.py)
+    cpu_gemv_kernel: bool = True  # steps of few tokens through kernels/gemv.c on CPU in fp32
     # Weight-only quantization of the projections and the LM head (layers/quant.py): "none",
     # "int8" (per output channel) or "int4" (groups of quantization_group_size, Q4_1-style).
     quantization: str = "none"

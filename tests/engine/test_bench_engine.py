@@ -33,6 +33,7 @@ def test_quick_bench_writes_contract_json(quick_report: dict[str, Any]) -> None:
         "chat",
         "shared_prefix_cache_on",
         "shared_prefix_cache_off",
+        "single_stream",
     }
     for system in report["systems"].values():
         for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s"):
@@ -42,6 +43,7 @@ def test_quick_bench_writes_contract_json(quick_report: dict[str, Any]) -> None:
         "engine_vs_matmul_bound",
         "kv_utilization_chat",
         "prefix_cache_ttft_speedup",
+        "single_stream_vs_bandwidth_bound",
     }
     assert all(value > 0 for value in report["ratios"].values())
 
@@ -61,6 +63,33 @@ def test_quick_bench_chat_case_fills_the_cache_while_requests_wait(
     assert chat["kv_block_size"] > 0
     assert chat["num_output_tokens"] > 0 and chat["num_preemptions"] >= 0
     assert 1 <= chat["running_mean"] <= chat["running_max"] <= case["num_prompts"]
+
+
+def test_quick_bench_single_stream_is_measured_against_its_bandwidth_bound(
+    quick_report: dict[str, Any],
+) -> None:
+    report = quick_report
+    case, single = report["cases"]["single_stream"], report["systems"]["single_stream"]
+    assert case["speculative"] == "off" and case["mean_batch_size"] == 1
+    # one step per token (no drafts); every step after the first decodes one token
+    assert case["num_steps"] == single["output_tokens"] - 1 > 0
+    # the bound: the bytes the decode steps read (weights every step, the growing KV) over
+    # the best read bandwidth measured in the same run, with the engine's threads
+    assert case["bandwidth_bytes_per_s"] == max(
+        case[key] for key in ("torch_sum_bytes_per_s", "c_read_bytes_per_s") if key in case
+    )
+    read = case["num_steps"] * (case["weight_bytes_per_step"] + case["mean_kv_bytes_per_step"])
+    assert case["bound_s"] == pytest.approx(read / case["bandwidth_bytes_per_s"])
+    assert single["ms_per_output_token"] == pytest.approx(
+        1e3 * case["measured_s"] / case["num_steps"]
+    )
+    assert single["bound_ms_per_output_token"] == pytest.approx(
+        1e3 * case["bound_s"] / case["num_steps"]
+    )
+    assert report["ratios"]["single_stream_vs_bandwidth_bound"] == pytest.approx(
+        case["bound_s"] / case["measured_s"]
+    )
+    assert single["threads"] == case["threads"] >= 1
 
 
 def test_quick_bench_shared_prefix_hits_only_with_caching_on(

@@ -43,14 +43,17 @@ def test_packed_matmul_equals_f_linear(
     assert not torch.equal(layer.matmul(x + 1), got)  # it really computes from its input
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_both_cpu_matmul_paths_give_transformers_greedy_tokens(
-    onednn: bool, make_engine: Callable[..., LLMEngine], tiny_llama_dir: Path
+@pytest.mark.parametrize(("onednn", "gemv"), [(True, False), (False, False), (True, True)])
+def test_every_cpu_matmul_path_gives_transformers_greedy_tokens(
+    onednn: bool, gemv: bool, make_engine: Callable[..., LLMEngine], tiny_llama_dir: Path
 ) -> None:
-    engine = make_engine(cpu_onednn_matmul=onednn, max_num_batched_tokens=48)
+    # gemv: few-token steps through kernels/gemv.c, larger ones oneDNN on the plain weight
+    engine = make_engine(cpu_onednn_matmul=onednn, cpu_gemv_kernel=gemv, max_num_batched_tokens=48)
     assert engine.runner.onednn_matmul is onednn
+    assert engine.runner.gemv_matmul is gemv
     head = engine.runner.model.lm_head
-    assert (head.onednn_weight is not None) is onednn
+    assert (head.onednn_weight is not None) is (onednn and not gemv)
+    assert (head.gemv is not None) is gemv
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     for prompt, out in zip(PROMPTS, engine.generate(PROMPTS, GREEDY), strict=True):
         with torch.no_grad():
@@ -61,6 +64,12 @@ def test_both_cpu_matmul_paths_give_transformers_greedy_tokens(
 
 
 def test_tied_embedding_keeps_its_weight(make_engine: Callable[..., LLMEngine]) -> None:
-    model = make_engine().runner.model
+    model = make_engine(cpu_gemv_kernel=False).runner.model
     assert model.lm_head.weight.numel() == 0
     assert model.embed_tokens.weight.shape == (model.args.vocab_size, model.args.hidden_size)
+
+
+def test_gemv_lm_head_reads_the_tied_embedding(make_engine: Callable[..., LLMEngine]) -> None:
+    model = make_engine().runner.model  # gemv on by default: one copy of the tied weight
+    assert model.lm_head.gemv is not None and model.lm_head.onednn_weight is None
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()

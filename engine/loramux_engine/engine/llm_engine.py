@@ -89,6 +89,7 @@ class LLMEngine:
             self.device,
             config.cpu_decode_kernel,
             config.cpu_onednn_matmul,
+            cpu_gemv_kernel=config.cpu_gemv_kernel,
             max_num_seqs=config.max_num_seqs,
             cuda_graphs=config.cuda_graphs,
             quantization=config.quantization,

@@ -8,9 +8,11 @@ import torch
 
 from loramux_engine.engine.cuda_graphs import DecodeGraphs
 from loramux_engine.engine.sequence import Sequence
-from loramux_engine.kernels import decode_attention
+from loramux_engine.kernels import cpu_fused, decode_attention, gemv
 from loramux_engine.layers.attention import attention_backend
+from loramux_engine.layers.layernorm import RMSNorm
 from loramux_engine.layers.linear import Linear, onednn_available
+from loramux_engine.layers.rotary_embedding import RotaryEmbedding
 from loramux_engine.layers.sampler import SampledToken, sample
 from loramux_engine.lora.adapter import LoRAAdapter
 from loramux_engine.lora.ops import LoRABatch
@@ -35,6 +37,7 @@ class ModelRunner:
         device: torch.device,
         cpu_decode_kernel: bool = True,
         cpu_onednn_matmul: bool = True,
+        cpu_gemv_kernel: bool = True,
         merged_adapter: LoRAAdapter | None = None,
         max_num_seqs: int = 64,
         cuda_graphs: bool = False,
@@ -57,10 +60,23 @@ class ModelRunner:
         )
         cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         self.onednn_matmul = cpu_onednn_matmul and cpu_fp32 and onednn_available()
-        if self.onednn_matmul:
+        # few-token steps through kernels/gemv.c over the plain weights (layers/linear.py)
+        gemv_kernel = gemv.load() if cpu_gemv_kernel and cpu_fp32 else None
+        self.gemv_matmul = gemv_kernel is not None
+        if self.onednn_matmul or gemv_kernel is not None:
             for module in self.model.modules():
-                if isinstance(module, Linear):
+                if isinstance(module, Linear) and gemv_kernel is not None:
+                    module.use_gemv(gemv_kernel, self.onednn_matmul)
+                elif isinstance(module, Linear):
                     module.pack_for_onednn()
+        # RMSNorm and RoPE as one C call each (kernels/cpu_fused.c), with the same switch
+        fused = cpu_fused.load() if cpu_gemv_kernel and cpu_fp32 else None
+        for module in self.model.modules():
+            rotary = getattr(module, "rotary", None)  # one table shared by the layers
+            if isinstance(module, RMSNorm):
+                module.cpu_kernel = fused
+            elif isinstance(rotary, RotaryEmbedding):
+                rotary.cpu_kernel = fused
         # kv_cache: [num_layers, 2, kv_heads, (num_blocks + 1) * block_size, head_dim],
         # allocated once; block b holds rows [b * block_size, (b + 1) * block_size). Block
         # num_blocks is scratch, never handed out: padded rows of a CUDA graph write there.

@@ -1,7 +1,12 @@
-"""Rotary position embedding with the scaling variants LLaMA-family configs use."""
+"""Rotary position embedding with the scaling variants LLaMA-family configs use.
+
+On CUDA one Triton launch rotates q and k (kernels/triton_fused.py); on a CPU in fp32 one C
+call, in place (kernels/cpu_fused.c, bound by the runner as ``cpu_kernel``); else torch.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +15,7 @@ import torch
 from torch import nn
 
 from loramux_engine.errors import ModelLoadError
+from loramux_engine.kernels import cpu_fused
 from loramux_engine.kernels.triton_support import use_triton
 
 
@@ -56,11 +62,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer(
             "cos_sin", torch.stack([freqs.cos(), freqs.sin()], 1), persistent=False
         )
+        self.cpu_kernel: ctypes.CDLL | None = None  # cpu_fused.c, bound on CPU in fp32
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; q: [num_tokens, heads, dim]; k: [num_tokens, kv_heads, dim]
+        if self.cpu_kernel is not None and q.dtype == torch.float32:  # in place
+            return cpu_fused.rotary(self.cpu_kernel, positions, q, k, self.cos_sin)
         if use_triton(q.device.type):  # one launch for q and k (kernels/triton_fused.py)
             from loramux_engine.kernels import triton_fused
 

@@ -45,6 +45,33 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * num_bytes / best
 
 
+def read_bandwidth(num_threads: int) -> dict[str, float]:
+    """A CPU's read bandwidth with ``num_threads`` threads: the best of five passes over
+    256 MiB (far beyond the caches) by torch's sum and by the engine's read loop
+    (kernels/gemv.c, the GEMV's own loads, when it builds here); ``bytes_per_s`` is the
+    higher, so a bound computed from it is the tighter one."""
+    from loramux_engine.kernels import gemv
+
+    buffer = torch.ones(COPY_BYTES_CPU // 4, dtype=torch.float32)
+    library = gemv.load()
+    readers = {"torch_sum": lambda: float(buffer.sum())}
+    if library is not None:
+        readers["c_read"] = lambda: gemv.read_sum(library, buffer, num_threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        best = dict.fromkeys(readers, float("inf"))
+        for _ in range(5):  # interleaved: a burst of others' load hits both alike
+            for name, read in readers.items():
+                start = time.perf_counter()
+                read()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    rates = {f"{name}_bytes_per_s": COPY_BYTES_CPU / s for name, s in best.items()}
+    return {"bytes_per_s": max(rates.values()), **rates}
+
+
 def weight_bytes_per_step(args: Any, itemsize: int) -> int:
     """Bytes of the weights a decode step reads (module docstring); ``args``: ModelArgs."""
     hidden, heads, kv_heads = args.hidden_size, args.num_heads, args.num_kv_heads

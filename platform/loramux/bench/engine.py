@@ -9,6 +9,12 @@ need for the same batches, the practical limit on a CPU.
 loops (a sidecar, a noisy neighbour): with N of C cores taken, (C - N) / C of the quiet
 throughput is what the CPU left allows.
 
+The single-stream case decodes one request alone (what a user at low load feels): ms per
+output token against the memory bound, the bytes a decode step reads (every projection
+weight, the LM head, the keys and values so far) over the read bandwidth measured in the
+same run with the engine's thread count (bandwidth.py); speculative decoding off, so every
+step reads the weights for one token.
+
 The same run also measures the engine's memory (engine_memory.py): chat answers stopping at
 EOS on a 64 MiB KV budget, and a tenant's shared 1,024-token system prompt with prefix
 caching on and off.
@@ -38,6 +44,7 @@ from loramux.commands.output import CommandFailed
 FULL = Workload(num_requests=64, min_prompt_tokens=16, max_prompt_tokens=256, output_tokens=64)
 QUICK = Workload(num_requests=8, min_prompt_tokens=8, max_prompt_tokens=32, output_tokens=8)
 HF_BATCH = {FULL: 16, QUICK: 4}
+SINGLE_STREAM_TOKENS = {FULL: 128, QUICK: 16}
 # torch's own team, read before any engine runs: the engine resizes the team of the thread
 # that steps it, and transformers is measured as it runs by default.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
@@ -103,6 +110,78 @@ def run_engine(
         threads=engine.threads.num_threads,  # the team at the end of the run
     )
     return result, engine, steps, [first_step[str(i)] for i in range(len(prompts))]
+
+
+def run_single_stream(
+    model_dir: Path, prompt: list[int], output_tokens: int
+) -> tuple[SystemResult, dict[str, Any]]:
+    """One request alone, greedy, ``output_tokens`` long: ms per output token of its decode
+    steps against the bytes they read over the measured read bandwidth."""
+    from loramux.bench.bandwidth import (
+        DecodeStep,
+        decode_bound,
+        read_bandwidth,
+        weight_bytes_per_step,
+    )
+    from loramux_engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine(
+        EngineConfig(str(model_dir), dtype="float32", max_num_seqs=1, speculative="off")
+    )
+    engine.generate([prompt[:8]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    engine.add_request("single", prompt, params)
+    seconds: list[float] = []  # each step's
+    generated = 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        seconds.append(time.perf_counter() - step_start)
+        for out in outputs:
+            if out.error is not None:
+                raise out.error
+            generated += len(out.new_token_ids)
+    elapsed = time.perf_counter() - start
+    if generated != output_tokens or len(seconds) != output_tokens:
+        raise RuntimeError(f"single stream: {generated} tokens in {len(seconds)} steps")
+    threads = engine.threads.num_threads
+    args, itemsize = engine.model_args, engine.dtype.itemsize
+    engine.close()
+    del engine
+    gc.collect()
+    bandwidth = read_bandwidth(threads)
+    # step 0 computes the prompt and samples token 1; step i > 0 decodes token i + 1 over
+    # the prompt and the i tokens before it, its own key and value included
+    decode = [
+        DecodeStep(seconds=s, num_seqs=1, kv_tokens=len(prompt) + i)
+        for i, s in enumerate(seconds[1:], start=1)
+    ]
+    bound = decode_bound(
+        decode,
+        weight_bytes_per_step(args, itemsize),
+        args.kv_bytes_per_token * itemsize,
+        bandwidth["bytes_per_s"],
+    )
+    ms_per_token = 1e3 * bound["measured_s"] / len(decode)
+    result = SystemResult.from_run(
+        output_tokens,
+        elapsed,
+        [seconds[0]],
+        elapsed_s=elapsed,
+        prompt_tokens=len(prompt),
+        output_tokens=output_tokens,
+        threads=threads,
+        ms_per_output_token=ms_per_token,
+        bound_ms_per_output_token=1e3 * bound["bound_s"] / len(decode),
+    )
+    details = {
+        **bound,
+        **{k: v for k, v in bandwidth.items() if k != "bytes_per_s"},
+        "threads": threads,
+        "speculative": "off",
+    }
+    return result, details
 
 
 def _time_matmuls(
@@ -252,6 +331,12 @@ def main(args: argparse.Namespace) -> int:
         "engine_vs_matmul_bound": engine_result.tokens_per_s / systems["matmul_bound"].tokens_per_s,
     }
     gc.collect()
+    single, single_stream = run_single_stream(model_dir, prompts[0], SINGLE_STREAM_TOKENS[workload])
+    systems["single_stream"] = single
+    ratios["single_stream_vs_bandwidth_bound"] = (
+        single_stream["bound_s"] / single_stream["measured_s"]
+    )
+    gc.collect()
     memory_systems, memory_ratios, cases = run_memory_cases(model_dir, args.quick)
     systems |= memory_systems
     ratios |= memory_ratios
@@ -270,7 +355,15 @@ def main(args: argparse.Namespace) -> int:
     print(describe(systems, cases))
     for name, value in ratios.items():
         print(f"{name}: " + ("n/a (no request waited)" if value is None else f"{value:.2f}"))
-    write_report(args.json_path, details, systems, ratios, cases=cases)
+    print(
+        f"single stream: {single.extra['ms_per_output_token']:.1f} ms per output token, "
+        f"bound {single.extra['bound_ms_per_output_token']:.1f} ms "
+        f"({single_stream['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read, "
+        f"{single_stream['threads']} threads)"
+    )
+    write_report(
+        args.json_path, details, systems, ratios, cases=cases | {"single_stream": single_stream}
+    )
     return 0
 
 

@@ -1,0 +1,65 @@
+"""The CPU matrix-vector kernel for steps of few tokens (gemv.c), via ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from loramux_engine.kernels.build import load_library
+
+MAX_TOKENS = 16  # as in the C source
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    fn = library.gemv
+    fn.restype = ctypes.c_int
+    c_ptr, c_int64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [c_ptr, c_int64, c_ptr, c_ptr, c_ptr, c_int64, c_int64, c_int64, c_int64]
+    fn.argtypes += [ctypes.c_int]
+    read = library.read_sum
+    read.restype = ctypes.c_float
+    read.argtypes = [c_ptr, c_int64, ctypes.c_int]
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it cannot be built here (logged once)."""
+    return load_library("gemv", _declare)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes these operands (CPU fp32, a row-major x of few tokens)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] <= MAX_TOKENS
+        and x.stride(1) == 1
+        and weight.is_contiguous()
+    )
+
+
+def gemv(
+    library: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    # x: [num_tokens, in], at most MAX_TOKENS rows; weight: [out, in] contiguous;
+    # bias: [out] -> x @ weight.T + bias: [num_tokens, out]
+    out, in_features = weight.shape
+    y = x.new_empty(x.shape[0], out)
+    status = library.gemv(
+        x.data_ptr(), x.stride(0), weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+        x.shape[0], out, in_features, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"gemv kernel failed with status {status} for {tuple(x.shape)}")
+    return y
+
+
+def read_sum(library: ctypes.CDLL, x: torch.Tensor, num_threads: int) -> float:
+    """The sum of a contiguous fp32 tensor, read once with the GEMV's loads (a bandwidth
+    probe for bench engine)."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()):
+        raise ValueError("read_sum takes a contiguous fp32 CPU tensor")
+    return float(library.read_sum(x.data_ptr(), x.numel(), num_threads))
