@@ -41,6 +41,7 @@ class EngineConfig:
     # "int8" (per output channel) or "int4" (groups of quantization_group_size, Q4_1-style).
     quantization: str = "none"
     quantization_group_size: int = 32
+    quantize_lm_head: bool = True  # False: the LM head stays in the activation dtype
     # Decode steps replayed from CUDA graphs, one per batch-size bucket (engine/cuda_graphs.py);
     # on CUDA with the Triton kernels only, ignored elsewhere.
     cuda_graphs: bool = True

@@ -122,6 +122,7 @@ def engine_config_from_settings(
         num_threads=settings.engine_num_threads,
         quantization=settings.quantization,
         quantization_group_size=settings.quantization_group_size,
+        quantize_lm_head=settings.quantize_lm_head,
         cuda_graphs=settings.engine_cuda_graphs,
         adapter_source=StorageAdapterSource(storage) if merged_adapter is None else None,
         merged_adapter=str(merged_adapter) if merged_adapter is not None else None,

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # an fp16 scale and minimum each, as GGUF's Q4_1); adapters stay in the activation dtype.
     quantization: Literal["none", "int8", "int4"] = "none"
     quantization_group_size: int = 32
+    # False: the LM head stays fp32 (SmolLM2 ships it as Q8_0, finer than int4 or int8 per
+    # channel; README "Quantization" measures both)
+    quantize_lm_head: bool = True
     # The engine's CPU threads; None: one per CPU it may use (affinity, cgroup quota), fewer
     # while other processes keep some of those CPUs busy.
     engine_num_threads: int | None = Field(default=None, ge=1)
@@ -189,7 +192,9 @@ class Settings(BaseSettings):
     @classmethod
     def _int4_group_size(cls, value: int) -> int:
         if value not in (32, 64, 128, 256):
-            raise ValueError("must be 32, 64, 128 or 256, the group sizes torch's int4 kernels take")
+            raise ValueError(
+                "must be 32, 64, 128 or 256, the group sizes torch's int4 kernels take"
+            )
         return value
 
     @property

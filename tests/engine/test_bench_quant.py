@@ -18,7 +18,7 @@ def test_quick_bench_writes_contract_json(tiny_llama_dir: Path, tmp_path: Path) 
     assert set(report["systems"]) == {f"{m}_{case}" for m in MODES for case in ("single", "batch")}
     for system in report["systems"].values():
         assert system["tokens_per_s"] > 0 and system["ttft_p50_s"] > 0
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "int4_fp32_head"):
         for key in ("vs_fp32", "vs_fp32_batch"):
             assert report["ratios"][f"{mode}_{key}"] > 0
         # the quantized weights really are smaller: about 1/4 and 1/8 of fp32 plus scales
@@ -26,10 +26,9 @@ def test_quick_bench_writes_contract_json(tiny_llama_dir: Path, tmp_path: Path) 
         assert 0 < report["ratios"][f"{mode}_weight_memory_vs_fp32"] < 1
         assert 0 <= report["ratios"][f"{mode}_greedy_identical"] <= 1
         assert report["ratios"][f"{mode}_perplexity_vs_fp32"] > 0
-    assert (
-        report["memory"]["int4"]["projection_and_head_bytes"]
-        < report["memory"]["int8"]["projection_and_head_bytes"]
-    )
+    memory = {mode: m["projection_and_head_bytes"] for mode, m in report["memory"].items()}
+    assert memory["int4"] < memory["int8"] < memory["none"]
+    assert memory["int4"] < memory["int4_fp32_head"] < memory["none"]
     fp32 = report["quality"]["none"]
     assert fp32["greedy_identical"] == fp32["greedy_prefix_agreement"] == 1.0
     assert fp32["perplexity"] > 1

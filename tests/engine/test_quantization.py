@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from loramux_engine import EngineConfig, LLMEngine, SamplingParams
 from loramux_engine.errors import EngineConfigError
 from loramux_engine.kernels import quant_matmul
+from loramux_engine.layers.linear import Linear
 from loramux_engine.layers.quant import (
     Int4Weight,
     Int8Weight,
@@ -223,6 +224,19 @@ def test_quantized_lm_head_leaves_the_tied_embedding(tiny_llama_dir: Path) -> No
     assert torch.equal(model.embed_tokens.weight, shipped)
     assert model.lm_head.quantized is not None and model.lm_head.weight.numel() == 0
     assert model.model.layers[0].mlp.down_proj.quantized is not None
+    engine.close()
+
+
+def test_lm_head_can_stay_unquantized(tiny_llama_dir: Path) -> None:
+    config = EngineConfig(str(tiny_llama_dir), quantization="int8", quantize_lm_head=False)
+    engine = LLMEngine(config)
+    model = engine.runner.model
+    assert model.lm_head.quantized is None
+    assert all(
+        m.quantized is not None
+        for m in model.modules()
+        if isinstance(m, Linear) and m is not model.lm_head
+    )
     engine.close()
 
 

@@ -94,6 +94,7 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             quantization=config.quantization,
             quantization_group_size=config.quantization_group_size,
+            quantize_lm_head=config.quantize_lm_head,
             merged_adapter=(
                 read_adapter_for_model(
                     config.model_dir, config.merged_adapter, config.max_lora_rank

@@ -43,6 +43,7 @@ class ModelRunner:
         cuda_graphs: bool = False,
         quantization: str = "none",
         quantization_group_size: int = 32,
+        quantize_lm_head: bool = True,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -57,6 +58,7 @@ class ModelRunner:
             merged_adapter,
             quantization,
             quantization_group_size,
+            quantize_lm_head,
         )
         cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         self.onednn_matmul = cpu_onednn_matmul and cpu_fp32 and onednn_available()

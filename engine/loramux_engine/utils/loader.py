@@ -48,11 +48,13 @@ def load_model(
     merged_adapter: LoRAAdapter | None = None,
     quantization: str = "none",
     quantization_group_size: int = 32,
+    quantize_lm_head: bool = True,
 ) -> LlamaForCausalLM:
     """The model; with ``merged_adapter``, its weights hold that adapter merged (lora/merge.py).
 
-    With ``quantization`` int8 or int4 every projection and the LM head hold their weights
-    quantized (layers/quant.py), after any merge; a tied embedding stays as loaded.
+    With ``quantization`` int8 or int4 every projection and (unless ``quantize_lm_head`` is
+    False) the LM head hold their weights quantized (layers/quant.py), after any merge; a
+    tied embedding stays as loaded.
     """
     inv_freq = rope_inv_freq(
         args.head_dim,
@@ -84,7 +86,7 @@ def load_model(
     del weights
     if quantization != "none":
         for name, module in model.named_modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and (quantize_lm_head or module.projection != "lm_head"):
                 try:
                     module.quantize(quantization, quantization_group_size)
                 except QuantizationError as exc:

@@ -1,7 +1,8 @@
 """`loramux bench quant`: weight-only int8 and int4 against the fp32 base model, in one run.
 
-Three engines on the same model (LORAMUX_QUANTIZATION none, int8, int4), fp32 activations,
-greedy, speculation off, each measured the same ways:
+Four engines on the same model, fp32 activations, greedy, speculation off: LORAMUX_QUANTIZATION
+none, int8 and int4, and int4 with the LM head left in fp32 (LORAMUX_QUANTIZE_LM_HEAD=false),
+each measured the same ways:
 
 - speed: one request alone (a 32-token prompt; ms per output token after the first) and a
   batch of requests decoding together; the engines take turns, repeated, and the median
@@ -32,7 +33,13 @@ from loramux.bench.common import SystemResult, format_table, write_report
 from loramux.bench.engine import resolve_model_dir
 from loramux.bench.engine_memory import Prompts, load_data
 
-MODES = ("none", "int8", "int4")
+# name -> (LORAMUX_QUANTIZATION, LORAMUX_QUANTIZE_LM_HEAD)
+MODES: dict[str, tuple[str, bool]] = {
+    "none": ("none", True),
+    "int8": ("int8", True),
+    "int4": ("int4", True),
+    "int4_fp32_head": ("int4", False),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +83,12 @@ QUICK = QuantWorkload(
 def _engine(model_dir: Path, mode: str, workload: QuantWorkload) -> Any:
     from loramux_engine import EngineConfig, LLMEngine, SamplingParams
 
+    quantization, quantize_lm_head = MODES[mode]
     config = EngineConfig(
         str(model_dir),
         dtype="float32",
-        quantization=mode,
+        quantization=quantization,
+        quantize_lm_head=quantize_lm_head,
         quantization_group_size=workload.group_size,
         speculative="off",
         enable_prefix_caching=False,
@@ -225,7 +234,7 @@ def run(model_dir: Path, workload: QuantWorkload) -> dict[str, Any]:
         exact, prefix = agreement(answers["none"], answers[mode])
         quality[mode] |= {"greedy_identical": exact, "greedy_prefix_agreement": prefix}
     ratios: dict[str, float] = {}
-    for mode in ("int8", "int4"):
+    for mode in list(MODES)[1:]:
         ratios[f"{mode}_vs_fp32"] = (
             systems[f"{mode}_single"].tokens_per_s / systems["none_single"].tokens_per_s
         )
@@ -258,14 +267,14 @@ def run(model_dir: Path, workload: QuantWorkload) -> dict[str, Any]:
 
 def describe(result: dict[str, Any]) -> str:
     lines = [format_table(result["systems"]), ""]
-    header = f"{'mode':<6} {'ms/token':>9} {'weights MB':>11} {'proj+head MB':>13} "
+    header = f"{'mode':<14} {'ms/token':>9} {'weights MB':>11} {'proj+head MB':>13} "
     header += f"{'perplexity':>11} {'identical':>10} {'prefix agr.':>12}"
     lines += [header, "-" * len(header)]
     for mode in MODES:
         single = result["systems"][f"{mode}_single"]
         mem, q = result["memory"][mode], result["quality"][mode]
         lines.append(
-            f"{mode:<6} {single.extra['ms_per_output_token']:>9.1f} "
+            f"{mode:<14} {single.extra['ms_per_output_token']:>9.1f} "
             f"{mem['weight_bytes'] / 1e6:>11.1f} {mem['projection_and_head_bytes'] / 1e6:>13.1f} "
             f"{q['perplexity']:>11.3f} {q['greedy_identical']:>10.2f} "
             f"{q['greedy_prefix_agreement']:>12.2f}"
