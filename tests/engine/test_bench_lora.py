@@ -45,6 +45,7 @@ def test_quick_bench_writes_contract_json(tiny_llama_dir: Path, tmp_path: Path) 
     )
     merged = report["merged"]
     assert merged["base_weight_bytes"] > 0 and merged["merged_export_s"] > 0
+    assert isinstance(merged["merge_at_load_extra_s"], float)
     base, slot = merged["base_weight_bytes"], merged["lora_slot_bytes"]
     assert merged["weight_bytes_for_16_adapters_merged"] == 16 * base
     assert merged["weight_bytes_for_16_adapters_modular"] == base + 17 * slot
