@@ -36,7 +36,7 @@ class EngineConfig:
     num_threads: int | None = None
     cpu_decode_kernel: bool = True  # the compiled decode attention on CPU in fp32
     cpu_onednn_matmul: bool = True  # projections through oneDNN on CPU in fp32 (layers/linear.py)
-    cpu_gemv_kernel: bool = True  # steps of few tokens through kernels/gemv.c on CPU in fp32
+    cpu_gemv_kernel: bool = True  # steps of <= 64 tokens through kernels/gemv.c (CPU, fp32)
     # Weight-only quantization of the projections and the LM head (layers/quant.py): "none",
     # "int8" (per output channel) or "int4" (groups of quantization_group_size, Q4_1-style).
     quantization: str = "none"

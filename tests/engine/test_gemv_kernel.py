@@ -40,7 +40,7 @@ def _close(got: torch.Tensor, expected: torch.Tensor, in_features: int) -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (7, 19), (37, 576), (3, 5)])
-@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4, 5, 8, 33, 64])
 def test_gemv_equals_f_linear(
     gemv_library: ctypes.CDLL, threads: int, out_features: int, in_features: int, num_tokens: int
 ) -> None:
@@ -82,6 +82,24 @@ def _stack(in_features: int, out_features: int, gen: torch.Generator) -> LoRASta
         b_t[slot, :rank] = torch.randn(rank, out_features, generator=gen) * 0.1
         stack.set_slot(slot, rank, scale)
     return stack
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("num_tokens", [1, 64, 65, 130])
+def test_linear_with_gemv_takes_larger_steps_on_the_same_plain_weight(
+    gemv_library: ctypes.CDLL, onednn: bool, num_tokens: int
+) -> None:
+    gen = torch.Generator().manual_seed(num_tokens)
+    layer = Linear(96, 40, True, "o_proj")
+    layer.weight.data = torch.randn(40, 96, generator=gen)
+    layer.bias.data = torch.randn(40, generator=gen)  # type: ignore[union-attr]
+    x = torch.randn(num_tokens, 96, generator=gen)
+    expected = F.linear(x, layer.weight, layer.bias)
+    weight = layer.weight
+
+    layer.use_gemv(gemv_library, onednn=onednn)
+    assert layer.weight is weight and layer.onednn_weight is None  # one copy, kept as is
+    _close(layer.matmul(x), expected, 96)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8])

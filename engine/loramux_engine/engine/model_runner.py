@@ -62,7 +62,7 @@ class ModelRunner:
         )
         cpu_fp32 = device.type == "cpu" and dtype == torch.float32
         self.onednn_matmul = cpu_onednn_matmul and cpu_fp32 and onednn_available()
-        # few-token steps through kernels/gemv.c over the plain weights (layers/linear.py)
+        # steps of up to 64 tokens through kernels/gemv.c over the plain weights (linear.py)
         gemv_kernel = gemv.load() if cpu_gemv_kernel and cpu_fp32 else None
         self.gemv_matmul = gemv_kernel is not None
         if self.onednn_matmul or gemv_kernel is not None:

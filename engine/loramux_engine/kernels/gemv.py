@@ -1,4 +1,4 @@
-"""The CPU matrix-vector kernel for steps of few tokens (gemv.c), via ctypes."""
+"""The CPU matrix-vector kernel for steps of up to 64 tokens (gemv.c), via ctypes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from loramux_engine.kernels.build import load_library
 
-MAX_TOKENS = 16  # as in the C source
+MAX_TOKENS = 64  # as in the C source
 
 
 def _declare(library: ctypes.CDLL) -> None:
