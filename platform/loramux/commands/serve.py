@@ -113,6 +113,13 @@ def main(args: argparse.Namespace) -> int:
             flush=True,
         )
     if args.ray:
+        if settings.merged_adapter is not None:
+            print(
+                "error: LORAMUX_MERGED_ADAPTER serves from the server's own engine; "
+                "run `loramux serve` without --ray",
+                file=sys.stderr,
+            )
+            return 1
         from loramux.commands.serve_ray import serve_on_ray
 
         return serve_on_ray(settings)
