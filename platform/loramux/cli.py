@@ -75,7 +75,7 @@ def _add_server_commands(commands: Group) -> None:
     _command(models, "list", "known and pulled models", "loramux.base_models:cli_list")
 
     bench = _group(commands, "bench", "benchmarks")
-    for kind in ("engine", "lora", "api", "scale", "quant"):
+    for kind in ("engine", "lora", "api", "scale", "spec", "quant"):
         b = _command(bench, kind, f"{kind} benchmark", f"loramux.bench.{kind}:main")
         b.add_argument("--json", dest="json_path", default=None, help="write results here")
         b.add_argument("--model", default=None, help="model name or directory")

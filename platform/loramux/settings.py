@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # drafts are accepted often enough, in small steps); a request's `speculative` field
     # overrides it. Drafts per sequence and step at most.
     engine_speculative: Literal["off", "on", "auto"] = "auto"
-    engine_num_speculative_tokens: int = Field(default=5, ge=1, le=64)
+    engine_num_speculative_tokens: int = Field(default=8, ge=1, le=64)
     # Weight-only quantization of the base model's projections and LM head: none, int8 (per
     # output channel, symmetric) or int4 (groups of quantization_group_size input weights,
     # an fp16 scale and minimum each, as GGUF's Q4_1); adapters stay in the activation dtype.

@@ -53,6 +53,7 @@ def adapters(looping_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def _engine(model_dir: Path, speculative: str, **overrides: Any) -> LLMEngine:
+    overrides.setdefault("kv_cache_bytes", 16 << 20)  # 16k tokens of the tiny model, not 1 GiB
     return LLMEngine(
         EngineConfig(str(model_dir), dtype="float32", speculative=speculative, **overrides)
     )
@@ -348,17 +349,18 @@ def test_request_field_overrides_the_engine_mode_and_auto_backs_off(
     on = _engine(looping_dir, "on")
     assert [o.new_token_ids for o in _run(on, prompts, refused)] == expected
     assert _drafts(on) == (0, 0)
-    # on the default tiny model drafts nearly always fail: auto stops drafting early
+    # on the default tiny model drafts nearly always fail: "on" keeps drafting (one token
+    # a step), "auto" backs off, drafting in few steps
     params = SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True)
     counts = {}
     outs = {}
     for mode in ("on", "auto"):
         engine = _engine(tiny_llama_dir, mode)
         outs[mode] = [o.new_token_ids for o in _run(engine, prompts, params)]
-        counts[mode] = _drafts(engine)
+        counts[mode] = (*_drafts(engine), engine.stats().spec_decode_num_drafting_steps_total)
     assert outs["on"] == outs["auto"]
     assert counts["on"][1] < counts["on"][0] / 4  # drafts fail
-    assert 0 < counts["auto"][0] < counts["on"][0] / 4
+    assert 0 < counts["auto"][2] < counts["on"][2] / 3
     # and it drafts in full where drafts pay
     auto = _engine(looping_dir, "auto")
     assert [o.new_token_ids for o in _run(auto, prompts, GREEDY)] == expected
@@ -416,3 +418,19 @@ def test_sampling_params_and_the_api_field() -> None:
             with pytest.raises(InvalidRequest) as caught:
                 parse({**body, "speculative": bad}, settings, tokenizer)
             assert caught.value.param == "speculative"
+
+
+def test_metrics_count_draft_tokens_proposed_and_accepted(looping_dir: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from loramux.metrics import EngineCollector
+
+    engine = _engine(looping_dir, "on")
+    _run(engine, _prompts(2, seed=9), GREEDY)
+    drafted, accepted = _drafts(engine)
+    assert 0 < accepted <= drafted
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: engine))
+    exposed = generate_latest(registry).decode()
+    assert f"loramux:spec_decode_num_draft_tokens_total {float(drafted)}" in exposed
+    assert f"loramux:spec_decode_num_accepted_tokens_total {float(accepted)}" in exposed

@@ -16,19 +16,23 @@ rejected drafts' keys and values stay beyond the sequence's computed tokens, so 
 never reach the prefix cache and are overwritten by the next step; a block taken for
 them alone stays with the sequence for its next tokens.
 
-Policy (``mode``): "off", "on", or "auto". A request's own ``speculative`` field
-(True/False) overrides the mode. In "auto" a sequence drafts while its drafts pay: its
-acceptance rate, an average over recent steps, must stay at or above
-``min_acceptance``; below it the sequence stops drafting for a while (a back-off that
-doubles each time, up to ``MAX_BACKOFF`` tokens) and then tries again. And "auto"
-drafts only while a step stays small, at most ``max_batch_tokens`` tokens with the
-drafts: a verifying step costs about a one-token step only while the step is bound by
-reading the weights, not by computing on its tokens (the figures are in the README).
+Policy (``mode``): "off", "on", or "auto"; a request's own ``speculative`` field
+(True/False) overrides it. Each sequence keeps an estimate of the chance that its next
+draft is accepted (recent steps weigh most), and drafts the k that maximizes tokens per
+unit of step time: a step yields 1 + a + ... + a^k tokens and costs 1 + c k one-token
+steps, c being a draft token's cost (``draft_cost``, by device: measured by ``bench
+spec``'s step-cost sweep). "on" drafts at least one token whenever prompt lookup finds
+one. "auto" drafts only where that gains at least 5%; where it does not, the sequence
+decodes plainly for a while (a back-off that doubles each time, up to ``MAX_BACKOFF``
+tokens) and then tries again. And "auto" drafts only while a step stays small, at most
+``max_batch_tokens`` tokens with the drafts: past it a step is bound by computing on its
+tokens, where a batch already pays for every token and drafts cost their full share
+(the figures are in the README).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,13 +43,17 @@ from loramux_engine.engine.sequence import Sequence
 SpecMode = Literal["off", "on", "auto"]
 SPEC_MODES: tuple[SpecMode, ...] = ("off", "on", "auto")
 MAX_NGRAM = 3
-# auto: the running acceptance rate weighs each step's drafts this much against the past.
-RATE_WEIGHT = 0.3
+# auto: each step's drafts weigh this much against the past in the acceptance estimate.
+RATE_WEIGHT = 0.2
+MIN_GAIN = 1.05  # auto: the least gain in tokens per unit of step time that drafts must offer
 FIRST_BACKOFF = 16  # output tokens a sequence decodes plainly after its drafts stop paying
 MAX_BACKOFF = 256
 # auto: the most tokens (decode plus drafts) a step may run with drafts, by device type;
 # up to there a step costs about what a one-token-per-sequence step does (README figures).
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 32, "cuda": 256}
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 16, "cuda": 256}
+# auto: a draft token's cost relative to a one-token step, by device type (bench spec's
+# step-cost sweep; on CUDA a guess, not measured).
+DEFAULT_DRAFT_COST = {"cpu": 0.07, "cuda": 0.02}
 
 
 class NgramIndex:
@@ -94,25 +102,48 @@ class SpecState:
     """One sequence's drafting state."""
 
     index: NgramIndex
-    rate: float = 1.0  # running acceptance rate (auto)
+    # Recent drafts accepted and steps that ended in a rejected draft (decaying counts, a
+    # prior of one each): their ratio estimates the chance that the next draft is accepted.
+    accepted: float = 1.0
+    rejected: float = 1.0
     resume_at: int = 0  # output length from which it drafts again after a back-off (auto)
     backoff: int = FIRST_BACKOFF
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+
+def best_num_drafts(acceptance: float, most: int, draft_cost: float) -> int:
+    """The number of drafts k (0..most) that maximizes tokens per unit of step time, or 0
+    when no k gains ``MIN_GAIN``.
+
+    With each draft accepted with probability a after the ones before it, a step yields
+    1 + a + ... + a^k tokens; it costs 1 + draft_cost * k one-token steps.
+    """
+    best, best_gain = 0, MIN_GAIN
+    tokens, term = 1.0, 1.0
+    for k in range(1, most + 1):
+        term *= acceptance
+        tokens += term
+        gain = tokens / (1 + draft_cost * k)
+        if gain > best_gain:
+            best, best_gain = k, gain
+    return best
 
 
 @dataclass(slots=True)
 class Speculator:
     mode: SpecMode = "auto"
-    num_speculative_tokens: int = 5  # k: drafts per sequence and step at most
+    num_speculative_tokens: int = 8  # drafts per sequence and step at most
     min_ngram: int = 1
-    min_acceptance: float = 0.3  # auto
-    max_batch_tokens: int = 32  # auto: the most tokens (decode plus drafts) a drafting step runs
+    # A draft token's cost in a step, relative to a one-token step (auto; by device).
+    draft_cost: float = DEFAULT_DRAFT_COST["cpu"]
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS["cpu"]  # auto: a drafting step's most tokens
     vocab_size: int = 0
     num_draft_tokens_total: int = 0
     num_accepted_tokens_total: int = 0
     num_drafting_steps_total: int = 0  # sequence-steps that verified drafts
-    _states: dict[int, SpecState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in SPEC_MODES:
@@ -145,11 +176,19 @@ class Speculator:
                 continue
             state = self._state(seq)
             most = min(self.num_speculative_tokens, budget, seq.max_len - len(seq) - 1)
-            if forced is None:
+            k = best_num_drafts(state.acceptance, most, self.draft_cost)
+            if forced:
+                k = max(k, min(1, most))
+            else:
                 if seq.num_output_tokens < state.resume_at:
                     continue
-                most = min(most, auto_room)
-            drafts = state.index.propose(seq.token_ids, most, self.min_ngram)
+                if k == 0:  # drafts do not pay: plain decoding for a while, then try again
+                    state.resume_at = seq.num_output_tokens + state.backoff
+                    state.backoff = min(2 * state.backoff, MAX_BACKOFF)
+                    state.accepted = state.rejected = 1.0
+                    continue
+                k = min(k, auto_room)
+            drafts = state.index.propose(seq.token_ids, k, self.min_ngram)
             if drafts:
                 plans.append((seq, drafts))
                 budget -= len(drafts)
@@ -158,31 +197,27 @@ class Speculator:
         return plans
 
     def observe(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
-        """Count a verified step's drafts; in auto, back off a sequence whose drafts fail."""
+        """Count a verified step's drafts and update the sequence's acceptance estimate."""
         if not num_drafts:
             return
         state = self._state(seq)
-        state.num_draft_tokens += num_drafts
-        state.num_accepted_tokens += num_accepted
         self.num_draft_tokens_total += num_drafts
         self.num_accepted_tokens_total += num_accepted
         self.num_drafting_steps_total += 1
-        state.rate += RATE_WEIGHT * (num_accepted / num_drafts - state.rate)
-        if self._forced(seq) is None and state.rate < self.min_acceptance:
-            state.resume_at = seq.num_output_tokens + state.backoff
-            state.backoff = min(2 * state.backoff, MAX_BACKOFF)
-            state.rate = self.min_acceptance  # one good step on resuming keeps it drafting
+        keep = 1 - RATE_WEIGHT
+        state.accepted = keep * state.accepted + num_accepted
+        state.rejected = keep * state.rejected + (num_accepted < num_drafts)
 
 
 def build_speculator(config: EngineConfig, vocab_size: int, device: torch.device) -> Speculator:
-    max_batch_tokens = config.speculative_max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(
-        device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"]
-    )
+    kind = device.type if device.type in DEFAULT_MAX_BATCH_TOKENS else "cpu"
+    max_batch_tokens = config.speculative_max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS[kind]
     mode = config.speculative
     assert mode in SPEC_MODES, "EngineConfig checks it"
     return Speculator(
         mode=mode,  # type: ignore[arg-type]
         num_speculative_tokens=config.num_speculative_tokens,
+        draft_cost=DEFAULT_DRAFT_COST[kind],
         max_batch_tokens=max_batch_tokens,
         vocab_size=vocab_size,
     )

@@ -100,6 +100,9 @@ BAD_SAMPLING = [
     ("presence_penalty", "false"),
     ("frequency_penalty", "true"),
     ("best_of", "true"),
+    ("speculative", '"yes"'),
+    ("speculative", "1"),
+    ("speculative", "[]"),
 ]
 
 
@@ -123,6 +126,9 @@ def test_sampling_values_at_the_edges_are_served(client, make_tenant) -> None:  
         {"top_p": 1e-6},
         {"top_p": 1},
         {"seed": 0},
+        {"speculative": True},
+        {"speculative": False},
+        {"speculative": None},
         # choice i draws with seed + i, which must wrap below 2**63
         {"seed": 2**63 - 1, "n": 3, "temperature": 0.8},
     ]:
