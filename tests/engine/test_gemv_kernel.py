@@ -160,10 +160,12 @@ def test_fused_rms_norm_equals_torch(
 
 
 def test_fused_rms_norm_refuses_mismatched_rows(fused_library: ctypes.CDLL) -> None:
-    with pytest.raises(ValueError, match="rows of the weight's size"):
+    with pytest.raises(ValueError, match="residual of x's shape"):
         cpu_fused.rms_norm(
             fused_library, torch.randn(2, 16), torch.randn(16), 1e-5, torch.randn(3, 16)
         )
+    with pytest.raises(ValueError, match="the weight's size"):
+        cpu_fused.rms_norm(fused_library, torch.randn(2, 16), torch.randn(15), 1e-5)
 
 
 @pytest.mark.parametrize("head_dim", [64, 38])

@@ -45,15 +45,16 @@ def rms_norm(
 
     x, residual: [num_tokens, hidden] fp32 rows; weight: [hidden] contiguous.
     """
-    if (
-        not _fp32_rows(x)
-        or not (residual is None or (_fp32_rows(residual) and residual.shape == x.shape))
-        or weight.shape != x.shape[1:]
-    ):
-        raise ValueError("rms_norm takes fp32 CPU rows of the weight's size")
     num_tokens, hidden = x.shape
+    if not _fp32_rows(x) or weight.shape != (hidden,):
+        raise ValueError("rms_norm takes fp32 CPU rows of the weight's size")
     out = x.new_empty(num_tokens, hidden)
-    summed = None if residual is None else x.new_empty(num_tokens, hidden)
+    if residual is None:
+        summed = None
+    elif _fp32_rows(residual) and residual.shape == x.shape:
+        summed = x.new_empty(num_tokens, hidden)
+    else:
+        raise ValueError("rms_norm takes a residual of x's shape, fp32 CPU rows")
     status = library.rms_norm(
         x.data_ptr(), x.stride(0),
         None if residual is None else residual.data_ptr(),
