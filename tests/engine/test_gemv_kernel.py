@@ -67,6 +67,13 @@ def test_gemv_refuses_more_tokens_than_it_holds(gemv_library: ctypes.CDLL) -> No
         gemv.gemv(gemv_library, x, weight, None)
 
 
+def test_gemv_refuses_a_weight_of_another_width(gemv_library: ctypes.CDLL) -> None:
+    with pytest.raises(ValueError, match="against a weight"):
+        gemv.gemv(gemv_library, torch.randn(2, 16), torch.randn(8, 17), None)
+    with pytest.raises(ValueError, match="against a weight"):
+        gemv.gemv(gemv_library, torch.randn(2, 16), torch.randn(8, 16), torch.randn(7))
+
+
 def test_read_sum_reads_every_float(gemv_library: ctypes.CDLL) -> None:
     x = torch.arange(1000, dtype=torch.float32) % 7  # exact in fp32 in any order
     assert gemv.read_sum(gemv_library, x, 2) == float(x.sum())

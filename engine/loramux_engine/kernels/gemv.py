@@ -45,12 +45,15 @@ def gemv(
 ) -> torch.Tensor:
     # x: [num_tokens, in], at most MAX_TOKENS rows; weight: [out, in] contiguous;
     # bias: [out] -> x @ weight.T + bias: [num_tokens, out]
+    num_tokens, width = x.shape
     out, in_features = weight.shape
-    y = x.new_empty(x.shape[0], out)
+    if width != in_features or (bias is not None and bias.shape != (out,)):
+        raise ValueError(f"gemv: x {tuple(x.shape)} against a weight {(out, in_features)}")
+    y = x.new_empty(num_tokens, out)
     status = library.gemv(
         x.data_ptr(), x.stride(0), weight.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
-        x.shape[0], out, in_features, torch.get_num_threads(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), out,
+        num_tokens, out, in_features, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"gemv kernel failed with status {status} for {tuple(x.shape)}")
