@@ -2,8 +2,8 @@
 
 Chromium is the Debian package (`apt-get install -y chromium`), driven by playwright's
 Python client; `playwright install` is never used. Screenshots go to
-$LORAMUX_CONSOLE_SCREENSHOTS when set, else to a temp dir; the README's come from
-`LORAMUX_CONSOLE_SCREENSHOTS=docs/screenshots pytest tests/e2e/test_console_browser.py`.
+$CONSOLE_SCREENSHOTS_DIR when set, else to a temp dir; the README's come from
+`CONSOLE_SCREENSHOTS_DIR=docs/screenshots pytest tests/e2e/test_console_browser.py`.
 
 The page tests run on real data made through the API: uploaded adapters (one version
 rejected by validation), finished requests, a finished batch and a long one to cancel.
@@ -97,7 +97,7 @@ def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
 
 
 def screenshot(page: Page, name: str, tmp_path: Path) -> None:
-    folder = Path(os.environ.get("LORAMUX_CONSOLE_SCREENSHOTS") or tmp_path)
+    folder = Path(os.environ.get("CONSOLE_SCREENSHOTS_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 

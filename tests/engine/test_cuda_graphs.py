@@ -102,6 +102,7 @@ def make_engine(model_dir: Path, source: Path, device: str, **overrides: object)
         max_num_batched_tokens=64,
         max_loras=len(ADAPTERS),
         adapter_source=DirectorySource(source),
+        speculative="off",  # every decode step one token per sequence: the graph's steps
         **overrides,  # type: ignore[arg-type]
     )
     return LLMEngine(config)
@@ -113,14 +114,15 @@ def run_steps(
     prompt_lens: Seq[int] = PROMPT_LENS,
     max_tokens: int = 12,
 ) -> dict[str, list[int]]:
-    """Requests joining one per step (so decode batches of 1 to 7 rows occur), greedy."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    """Requests joining one per step, greedy, each asking one token more than the one before,
+    so that they finish one per step and decode batches of every size occur."""
     prompts = [[3 + (i * 11 + j * 7) % 250 for j in range(n)] for i, n in enumerate(prompt_lens)]
     got: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     while pending or engine.has_unfinished():
         if pending:
             i, prompt = pending.pop(0)
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens + i, ignore_eos=True)
             engine.add_request(str(i), prompt, params, adapter=refs[i % len(refs)])
         for out in engine.step():
             assert out.error is None, out.error

@@ -209,6 +209,9 @@ def bench_shape(
             max_loras=NUM_ADAPTERS,
             adapter_host_bytes=ADAPTER_HOST_BYTES,
             adapter_cache_dir=str(tmp / shape / "adapter-cache"),
+            # one token per sequence per step: what the decode-step and bandwidth figures
+            # describe (random weights would reject prompt-lookup drafts anyway)
+            speculative="off",
         )
     )
     lap("engine_load")
