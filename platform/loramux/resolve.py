@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from loramux.api.params import ascii_int
 from loramux.db.models import Adapter, AdapterVersion
 from loramux.db.scoped import scoped
 from loramux.errors import InvalidRequest, NotFound
@@ -46,11 +47,10 @@ def resolve_model(
         raise model_not_found(model)
     versions = scoped(AdapterVersion, tenant_id).where(AdapterVersion.adapter_id == adapter.id)
     if version_text:
-        if not version_text.isdigit():
+        number = ascii_int(version_text)
+        if number is None:
             raise model_not_found(model)
-        version = session.scalars(
-            versions.where(AdapterVersion.version == int(version_text))
-        ).first()
+        version = session.scalars(versions.where(AdapterVersion.version == number)).first()
         if version is None:
             raise model_not_found(model)
         _require_ready(model, version)

@@ -481,6 +481,9 @@ def test_batches_across_tenants_filter_page_and_cancel(
         ("start_date=2026-03-02&end_date=2026-03-01", "end_date"),
         ("start_date=2020-01-01&end_date=2026-01-01", "start_date"),
         ("limit=0", "limit"),
+        ("limit=%C2%B2", "limit"),  # "²": str.isdigit says yes, int() says no
+        ("limit=" + "9" * 5000, "limit"),  # past int()'s digit limit
+        ("end_date=9999-12-31", "end_date"),  # the day after is no date
         ("tenant=", "tenant"),
     ],
 )
@@ -490,7 +493,9 @@ def test_bad_usage_filters_are_400(client: TestClient, query: str, param: str) -
     assert response.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize("month", ["2026-13", "26-03", "2026-3", "march"])
+@pytest.mark.parametrize(
+    "month", ["2026-13", "26-03", "2026-3", "march", "9999-12", "\u0662\u0660\u0662\u0666-03"]
+)
 def test_bad_statement_month_is_400(client: TestClient, make_tenant: Any, month: str) -> None:
     tenant, _ = make_tenant("acme")
     response = client.get(

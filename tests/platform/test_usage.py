@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from itertools import count
 from typing import Any
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.billing import day_start, priced_usage
@@ -142,3 +143,31 @@ def test_usage_days_are_utc_whatever_the_postgres_session_time_zone(
     finally:
         engine.dispose()
     assert [line.date for line in lines] == [date(2026, 3, 14)]
+
+
+def test_hostile_numbers_in_tenant_routes_are_4xx(client, make_tenant, db) -> None:  # type: ignore[no-untyped-def]
+    """Superscript digits pass ``str.isdigit`` and fail ``int``; year 9999's last day has no
+    day after it; a version number of thousands of digits: each a clear 4xx, never a 500."""
+
+    tenant, secret = make_tenant("acme")
+    with transaction(db) as session:
+        add_adapter_version(session, tenant["id"], "bot", "c" * 64)
+    for path, status in [
+        ("/v1/usage?end_date=9999-12-31", 400),
+        ("/v1/usage?start_date=0001-01-01", 400),
+        ("/v1/batches?limit=%C2%B2", 400),
+        ("/v1/batches?limit=" + "9" * 5000, 400),
+        ("/v1/adapters/bot/versions/%C2%B2/merge", 404),
+        ("/v1/adapters/bot/versions/" + "9" * 5000 + "/merge", 404),
+    ]:
+        response = client.get(path, headers=bearer(secret))
+        assert response.status_code == status, (path[:60], response.text)
+        assert response.json()["error"]["message"]
+    from loramux.errors import NotFound
+    from loramux.resolve import resolve_model
+
+    with db() as session:
+        for model in ["bot@\u00b2", "bot@" + "9" * 5000, "bot@\u0663"]:
+            with pytest.raises(NotFound) as refused:
+                resolve_model(session, tenant["id"], model, BASE_MODEL)
+            assert refused.value.code == "model_not_found"

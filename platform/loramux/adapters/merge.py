@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.adapters import registry
 from loramux.adapters.merge_outbox import MergeOutbox
+from loramux.api.params import ascii_int
 from loramux.audit import record
 from loramux.base_models import ModelError, resolve_model
 from loramux.db.models import Adapter, AdapterMerge, AdapterVersion
@@ -58,11 +59,12 @@ def find_version(
 ) -> tuple[Adapter, AdapterVersion]:
     adapter = registry.find_adapter(session, tenant_id, name)
     version = None
-    if version_text.isdigit() and len(version_text) <= MAX_VERSION_DIGITS:
+    number = ascii_int(version_text)
+    if number is not None and len(version_text) <= MAX_VERSION_DIGITS:
         version = session.scalars(
             scoped(AdapterVersion, tenant_id).where(
                 AdapterVersion.adapter_id == adapter.id,
-                AdapterVersion.version == int(version_text),
+                AdapterVersion.version == number,
             )
         ).first()
     if version is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from loramux.api.params import ascii_int
 from loramux.db.models import Adapter, AdapterVersion, Tenant
 from loramux.db.session import make_engine, make_session_factory
 from loramux.errors import InvalidRequest
@@ -73,9 +74,10 @@ def resolve_merged_adapter(session: Session, spec: str) -> MergedServing:
             raise MergedAdapterError(f"LORAMUX_MERGED_ADAPTER: no tenant {tenant_name!r}")
         query = query.where(Adapter.tenant_id == tenant_id, Adapter.name == name)
         if version_text:
-            if not version_text.isdigit():
+            number = ascii_int(version_text)
+            if number is None:
                 raise MergedAdapterError(f"LORAMUX_MERGED_ADAPTER: bad version {version_text!r}")
-            query = query.where(AdapterVersion.version == int(version_text))
+            query = query.where(AdapterVersion.version == number)
         else:
             query = query.where(AdapterVersion.status == "ready")
     row = session.execute(query.order_by(AdapterVersion.version.desc())).first()

@@ -15,8 +15,8 @@ from starlette.routing import Route
 from loramux import tenancy
 from loramux.adapters.registry import version_view
 from loramux.api.adapters import remove_adapter
-from loramux.api.admin_params import limit_param
 from loramux.api.common import principal, state
+from loramux.api.params import limit_param
 from loramux.db.models import Adapter, AdapterVersion, UsageRecord
 from loramux.errors import InvalidRequest
 

@@ -12,8 +12,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from loramux import tenancy
-from loramux.api.admin_params import text_param
 from loramux.api.common import principal, state
+from loramux.api.params import text_param
 from loramux.audit import record
 from loramux.batches import service
 from loramux.batches.pages import list_body, page, parse_limit

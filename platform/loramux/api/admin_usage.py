@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from loramux import tenancy
-from loramux.api.admin_params import date_range, limit_param, month_param, text_param
 from loramux.api.common import json_object, principal, state
+from loramux.api.params import date_range, limit_param, month_param, text_param
 from loramux.billing import (
     MonthTotals,
     day_start,

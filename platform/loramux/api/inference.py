@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -13,8 +12,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from loramux.api.common import json_object, state, tenant_principal
+from loramux.api.params import date_range
 from loramux.billing import day_start, priced_usage, usage_rows
-from loramux.errors import APIError, InvalidRequest
+from loramux.errors import APIError
 from loramux.inference import render
 from loramux.inference.request import GenerationRequest, parse_chat, parse_completion
 from loramux.inference.run import Generation, admit, response_body
@@ -141,23 +141,9 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, parse_chat)
 
 
-def _date_param(request: Request, name: str, default: date) -> date:
-    value = request.query_params.get(name)
-    if value is None:
-        return default
-    try:
-        return date.fromisoformat(value)
-    except ValueError as error:
-        raise InvalidRequest(f"{name} must be a date like 2026-01-31", param=name) from error
-
-
 async def usage(request: Request) -> JSONResponse:
     user = tenant_principal(request, "inference")
-    today = datetime.now(UTC).date()
-    start = _date_param(request, "start_date", today.replace(day=1))
-    end = _date_param(request, "end_date", today) + timedelta(days=1)
-    if end <= start:
-        raise InvalidRequest("end_date must not be before start_date", param="end_date")
+    start, end = date_range(request)
 
     def run() -> list[dict[str, Any]]:
         with state(request).sessions() as session:

@@ -1,4 +1,5 @@
-"""Query parameters the admin routes share: paging, date ranges, months, tenant filters."""
+"""Query parameters routes share: paging, date ranges, months, tenant filters; and the one
+parser of decimal integers from a request (ASCII digits only, bounded length)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,28 @@ from starlette.requests import Request
 from loramux.errors import InvalidRequest
 
 MAX_RANGE_DAYS = 366
-_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+# years a date may name: a day after the last one must still be a date
+MIN_YEAR, MAX_YEAR = 1970, 9998
+_MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
+_INTEGER = re.compile(r"[0-9]{1,18}")
+
+
+def ascii_int(text: str) -> int | None:
+    """``text`` as a non-negative integer if it is 1 to 18 ASCII digits, else None.
+
+    ``str.isdigit`` is not enough: it accepts "²" (which ``int`` refuses) and other
+    scripts' digits, and ``int`` of thousands of digits is slow or refused."""
+    return int(text) if _INTEGER.fullmatch(text) else None
 
 
 def limit_param(request: Request, default: int = 100, maximum: int = 1000) -> int:
     value = request.query_params.get("limit")
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
+    number = ascii_int(value)
+    if number is None or not 1 <= number <= maximum:
         raise InvalidRequest(f"limit must be an integer between 1 and {maximum}", param="limit")
-    return int(value)
+    return number
 
 
 def _date(request: Request, name: str, default: date) -> date:
@@ -27,9 +40,12 @@ def _date(request: Request, name: str, default: date) -> date:
     if value is None:
         return default
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError:
         raise InvalidRequest(f"{name} must be a date like 2026-01-31", param=name) from None
+    if not MIN_YEAR <= day.year <= MAX_YEAR:
+        raise InvalidRequest(f"{name} must be in {MIN_YEAR} to {MAX_YEAR}", param=name)
+    return day
 
 
 def date_range(request: Request) -> tuple[date, date]:
@@ -53,7 +69,11 @@ def month_param(request: Request) -> date:
     if value is None:
         return datetime.now(UTC).date().replace(day=1)
     match = _MONTH.match(value)
-    if match is None or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 1970:
+    if (
+        match is None
+        or not 1 <= int(match.group(2)) <= 12
+        or not MIN_YEAR <= int(match.group(1)) <= MAX_YEAR
+    ):
         raise InvalidRequest("month must look like 2026-01", param="month")
     return date(int(match.group(1)), int(match.group(2)), 1)
 
