@@ -513,46 +513,52 @@ def test_engine_and_batches_pages_under_a_running_batch(
 ) -> None:
     server = populated.server
     running = create_batch(server, populated.acme_key, "support-bot@1", lines=3000, max_tokens=64)
-    wait_batch(server, populated.acme_key, running, ("in_progress",))
-    page.goto("/admin/#engine")
-    sign_in(page, ADMIN_KEY)
-    # requests per tenant, by name; the adapter in its slot, with its tenant
-    expect(page.locator("#engine-tenants-body")).to_contain_text("acme-support")
-    slots = page.locator("#resident-body")
-    expect(slots).to_contain_text("support-bot v1")
-    expect(slots.locator("tr").filter(has_text="support-bot v1")).to_contain_text("acme-support")
-    expect(page.locator("#stat-kv_cache_bytes")).to_have_text(
-        re.compile(r" of [\d.]+ (KiB|MiB|GiB)$")
-    )
-    tiers = page.locator("#tiers-body")
-    expect(tiers).to_contain_text("Device slots")
-    expect(tiers.locator("tr").filter(has_text="Host memory")).to_contain_text(
-        re.compile(r"iB of ")
-    )
-    # the last minutes: throughput and latency drawn from the finished requests
-    expect(page.locator("#throughput-chart svg circle")).to_have_count(15)
-    assert page.locator("#latency-chart svg circle").count() >= 2
-    expect(page.locator("#engine-updated")).to_contain_text("UTC")
-    no_local_times(page)
-    check_widths(page, "console-engine", tmp_path)
+    try:
+        wait_batch(server, populated.acme_key, running, ("in_progress",))
+        page.goto("/admin/#engine")
+        sign_in(page, ADMIN_KEY)
+        # requests per tenant, by name; the adapter in its slot, with its tenant
+        expect(page.locator("#engine-tenants-body")).to_contain_text("acme-support")
+        slots = page.locator("#resident-body")
+        expect(slots).to_contain_text("support-bot v1")
+        expect(slots.locator("tr").filter(has_text="support-bot v1")).to_contain_text(
+            "acme-support"
+        )
+        expect(page.locator("#stat-kv_cache_bytes")).to_have_text(
+            re.compile(r" of [\d.]+ (KiB|MiB|GiB)$")
+        )
+        tiers = page.locator("#tiers-body")
+        expect(tiers).to_contain_text("Device slots")
+        expect(tiers.locator("tr").filter(has_text="Host memory")).to_contain_text(
+            re.compile(r"iB of ")
+        )
+        # the last minutes: throughput and latency drawn from the finished requests
+        expect(page.locator("#throughput-chart svg circle")).to_have_count(15)
+        assert page.locator("#latency-chart svg circle").count() >= 2
+        expect(page.locator("#engine-updated")).to_contain_text("UTC")
+        no_local_times(page)
+        check_widths(page, "console-engine", tmp_path)
 
-    page.get_by_role("link", name="Batches", exact=True).click()
-    expect(page.get_by_role("heading", name="Batches")).to_be_visible()
-    table = page.locator("#batches-body")
-    expect(table.locator(f'tr[data-batch-id="{populated.finished_batch}"]')).to_contain_text(
-        "completed"
-    )
-    expect(table.locator(f'tr[data-batch-id="{running}"]')).to_contain_text("in_progress")
-    check_widths(page, "console-batches", tmp_path)
-    page.get_by_label("Status").select_option("in_progress")
-    live = table.locator(f'tr[data-batch-id="{running}"]')
-    expect(live).to_contain_text("acme-support")
-    expect(table.locator("tr")).to_have_count(1)
-    live.get_by_role("button", name=f"Cancel batch {running}").click()
-    page.get_by_role("dialog").get_by_role("button", name="Cancel batch").click()
-    expect(table).to_contain_text("No batches match.")  # it left in_progress
-    done = wait_batch(server, populated.acme_key, running, ("cancelled",))
-    assert done["request_counts"]["completed"] < 3000
+        page.get_by_role("link", name="Batches", exact=True).click()
+        expect(page.get_by_role("heading", name="Batches")).to_be_visible()
+        table = page.locator("#batches-body")
+        expect(table.locator(f'tr[data-batch-id="{populated.finished_batch}"]')).to_contain_text(
+            "completed"
+        )
+        expect(table.locator(f'tr[data-batch-id="{running}"]')).to_contain_text("in_progress")
+        check_widths(page, "console-batches", tmp_path)
+        page.get_by_label("Status").select_option("in_progress")
+        live = table.locator(f'tr[data-batch-id="{running}"]')
+        expect(live).to_contain_text("acme-support")
+        expect(table.locator("tr")).to_have_count(1)
+        live.get_by_role("button", name=f"Cancel batch {running}").click()
+        page.get_by_role("dialog").get_by_role("button", name="Cancel batch").click()
+        expect(table).to_contain_text("No batches match.")  # it left in_progress
+        done = wait_batch(server, populated.acme_key, running, ("cancelled",))
+        assert done["request_counts"]["completed"] < 3000
+    finally:  # a failure above must not leave 3,000 lines running for the next tests
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            http.post(f"/v1/batches/{running}/cancel", headers=bearer_headers(populated.acme_key))
 
 
 def test_prices_page_edits_the_table(page: Page, populated: Populated, tmp_path: Path) -> None:

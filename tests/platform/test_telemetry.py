@@ -34,6 +34,7 @@ from loramux.settings import Settings
 from loramux.storage import LocalStorage
 from loramux_engine.config import EngineConfig
 from loramux_engine.engine.async_engine import AsyncLLMEngine
+from tests.fixtures.celery import stop_process
 from tests.fixtures.services import fresh_pg_database
 from tests.platform.adapters.conftest import _save_peft_adapter
 from tests.platform.adapters.helpers import upload, wait_validated
@@ -316,8 +317,7 @@ def test_a_batch_line_and_a_validation_continue_their_requests_traces(
             try:
                 run_one_batch_line(base_url, worker, log_path, otlp_receiver, adapter_dir)
             finally:
-                worker.terminate()
-                worker.wait(timeout=30)
+                stop_process(worker)
     server_spans = [from_sdk(s) for s in exporter.get_finished_spans()]
     spans = server_spans + otlp_receiver.spans
     trace = one_connected_trace(spans, "POST /v1/batches")
