@@ -117,6 +117,30 @@ def test_kernels_equal_the_fp32_reference(num_tokens: int, out: int, inp: int) -
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_kernels_refuse_operands_they_would_read_past() -> None:
+    library = quant_matmul.load()
+    if library is None:
+        pytest.skip("no C compiler here")
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    q8, scale8 = quantize_int8(w)
+    q4, scale4, minimum4 = quantize_int4(w, 32)
+    packed, scale4, minimum4 = quant_matmul.pack_int4(q4), scale4.float(), minimum4.float()
+    narrow, strided = torch.randn(2, 32), torch.randn(64, 2).t()
+    for x in (narrow, strided, torch.randn(2, 64, dtype=torch.float64)):
+        with pytest.raises(ValueError):
+            quant_matmul.int8_matmul(library, x, q8, scale8)
+        with pytest.raises(ValueError):
+            quant_matmul.int4_matmul(library, x, packed, scale4, minimum4, 32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError):
+        quant_matmul.int8_matmul(library, x, q8, scale8[:8])
+    with pytest.raises(ValueError):
+        quant_matmul.int4_matmul(library, x, packed, scale4, minimum4[:, :1], 32)
+    with pytest.raises(ValueError):
+        quant_matmul.int4_matmul(library, x, packed, scale4, minimum4, 48)
+    assert quant_matmul.int8_matmul(library, x, q8, scale8).shape == (2, 16)
+
+
 def test_cpu_kernel_rebuilds_int4_weights_bit_for_bit() -> None:
     library = quant_matmul.load()
     if library is None:

@@ -43,10 +43,29 @@ def _check(status: int, name: str) -> None:
         raise RuntimeError(f"{name} kernel refused its shapes (status {status})")
 
 
+def _check_operands(
+    x: torch.Tensor, width: int, *parts: tuple[torch.Tensor, tuple[int, ...]]
+) -> None:
+    """What the C kernels read past without these: x [tokens, width] fp32 with contiguous rows
+    on the CPU, and each weight part contiguous with exactly its expected shape."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D fp32 CPU tensor, not {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] != width:
+        raise ValueError(f"x has width {x.shape[1]}, the weight {width}")
+    if x.shape[0] > 0 and x.stride(1) != 1:
+        raise ValueError("x's rows must be contiguous")
+    for part, shape in parts:
+        if tuple(part.shape) != shape or not part.is_contiguous() or part.device.type != "cpu":
+            raise ValueError(f"a weight part has shape {tuple(part.shape)}, not {shape}")
+
+
 def int8_matmul(
     library: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     # x: [num_tokens, in] fp32, rows contiguous; q: [out, in] int8; scale: [out] fp32
+    _check_operands(x, q.shape[1], (q, tuple(q.shape)), (scale, (q.shape[0],)))
+    if q.dtype != torch.int8 or scale.dtype != torch.float32:
+        raise ValueError("int8_matmul takes int8 codes and fp32 scales")
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
     status = library.int8_matmul(
         x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), y.data_ptr(),
@@ -66,6 +85,13 @@ def int4_matmul(
 ) -> torch.Tensor:
     # x: [num_tokens, in] fp32, rows contiguous; packed: [out, in / 2] (pack_int4);
     # scale, minimum: [out, in / group_size] fp32
+    out, width = packed.shape[0], packed.shape[1] * 2
+    if group_size < 1 or width % group_size:
+        raise ValueError(f"group size {group_size} does not divide the width {width}")
+    groups = (out, width // group_size)
+    _check_operands(x, width, (packed, tuple(packed.shape)), (scale, groups), (minimum, groups))
+    if packed.dtype != torch.uint8 or scale.dtype != torch.float32 or minimum.dtype != scale.dtype:
+        raise ValueError("int4_matmul takes packed uint8 codes and fp32 scales and minimums")
     y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
     status = library.int4_matmul(
         x.data_ptr(), x.stride(0), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
