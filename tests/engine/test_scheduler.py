@@ -228,3 +228,24 @@ def test_a_large_request_is_admitted_once_others_stop_passing_it() -> None:
                 scheduler.finish(seq, "length")
     assert large.status is SequenceStatus.RUNNING
     assert large.num_bypassed >= scheduler.max_num_seqs
+
+
+def test_rejected_drafts_are_service_received() -> None:
+    """A verified step charges its accepted tokens as output and its rejected drafts as
+    computed input: a tenant whose forced drafts always fail pays for them in its turn."""
+    kv = BlockManager(64, 1, False)
+    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=100, kv_cache=kv)
+    seq = _seq("a", key="drafter")
+    seq.max_len = 40
+    scheduler.add(seq)
+    _step(scheduler)  # the prompt, then its first token
+    assert scheduler.service["drafter"] == 10 + 2
+    for accepted, charged in [(0, 2 + 3), (2, 3 * 2 + 1)]:
+        (decoding,) = scheduler.schedule()
+        drafts = [11, 12, 13]
+        assert kv.allocate(decoding, 1 + len(drafts))
+        decoding.draft_token_ids = drafts
+        decoding.num_scheduled_tokens += len(drafts)
+        before = scheduler.service["drafter"]
+        scheduler.postprocess([decoding], [drafts[:accepted] + [7]])
+        assert scheduler.service["drafter"] - before == charged

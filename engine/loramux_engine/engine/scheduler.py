@@ -284,6 +284,9 @@ class Scheduler:
                 # accepted drafts were computed with the right prefix; the rest are stale rows
                 num_accepted = len(token_ids) - 1
                 seq.num_scheduled_tokens -= num_drafts - num_accepted
+                # a rejected draft was computed like a prompt token: it is service received,
+                # so drafts that always fail ("speculative": true) cost their tenant's turn
+                self.service[seq.fairness_key] += num_drafts - max(num_accepted, 0)
                 if self.speculator is not None:
                     self.speculator.observe(seq, num_drafts, num_accepted)
                 seq.draft_token_ids = []
