@@ -1,5 +1,5 @@
-"""Usage priced by the price table (pricing.py), adapter storage by the GB-month, and the
-monthly statement a tenant is billed by.
+"""Usage priced by the price table (pricing.py), storage (adapters and their merged
+exports) by the GB-month, and the monthly statement a tenant is billed by.
 
 Usage is summed in SQL per price period (the table may change mid-month), per UTC day,
 tenant, adapter version and kind (interactive or batch), and priced exactly; cost is a
@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
+from loramux.adapters.registry import stored_holdings
 from loramux.db.models import Adapter, AdapterVersion, Tenant, UsageRecord
 from loramux.db.types import utc_date
 from loramux.pricing import price_periods, round_micro, usd
@@ -167,9 +168,10 @@ def usage_rows(lines: Iterable[UsageLine], *, with_tenant: bool) -> list[dict[st
 
 @dataclass(slots=True)
 class StorageLine:
-    """One adapter version's storage over a billing period."""
+    """One adapter version's files, or its merged export, stored over a billing period."""
 
     tenant_id: str
+    kind: str  # "adapter" or "merge" (registry.stored_holdings)
     adapter: str
     adapter_version: int
     base_model: str
@@ -188,37 +190,39 @@ def month_bounds(month: date) -> tuple[datetime, datetime]:
 def priced_storage(
     session: Session, month: date, *, now: datetime, tenant_id: str | None = None
 ) -> list[StorageLine]:
-    """Each version's bytes for the part of ``month`` (up to ``now``) it was stored: from its
-    upload to its adapter's deletion; rejected versions hold no storage. A GB-month is 10^9
-    bytes for the whole calendar month."""
+    """Each stored thing's bytes for the part of ``month`` (up to ``now``) it was stored:
+    what ``registry.stored_holdings`` counts for the quota (adapter versions, rejected ones
+    excluded; merged exports, failed ones excluded), from when it was stored (the upload,
+    the merge's finish: a running merge's reservation is not billed) to its adapter's
+    deletion. A GB-month is 10^9 bytes for the whole calendar month."""
     start, end = month_bounds(month)
     month_seconds = int((end - start).total_seconds())
     stop = min(end, now)
+    held = stored_holdings()
     query = (
-        select(AdapterVersion, Adapter)
-        .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-        .where(AdapterVersion.status != "rejected", AdapterVersion.created_at < stop)
-        .where(or_(Adapter.deleted_at.is_(None), Adapter.deleted_at > start))
-        .order_by(Adapter.name, AdapterVersion.version)
+        select(held)
+        .where(held.c.stored_at.is_not(None), held.c.stored_at < stop)
+        .where(or_(held.c.deleted_at.is_(None), held.c.deleted_at > start))
+        .order_by(held.c.adapter, held.c.adapter_version, held.c.kind)
     )
     if tenant_id is not None:
-        query = query.where(AdapterVersion.tenant_id == tenant_id)
-    versions = session.execute(query).all()
+        query = query.where(held.c.tenant_id == tenant_id)
+    rows = session.execute(query).all()
     lines = []
     periods = price_periods(session, start, stop) if stop > start else []
-    for version, adapter in versions:
+    for row in rows:
         line = StorageLine(
-            version.tenant_id, adapter.name, version.version, adapter.base_model_id,
-            version.size_bytes,
+            row.tenant_id, row.kind, row.adapter, row.adapter_version, row.base_model,
+            row.size_bytes,
         )  # fmt: skip
-        alive_from = max(version.created_at, start)
-        alive_to = min(adapter.deleted_at or stop, stop)
+        alive_from = max(row.stored_at, start)
+        alive_to = min(row.deleted_at or stop, stop)
         for period in periods:
             lo, hi = max(alive_from, period.start), min(alive_to, period.end)
             if hi <= lo:
                 continue
             seconds = Fraction((hi - lo) // timedelta(microseconds=1), 10**6)
-            gb_months = Fraction(version.size_bytes, GB) * seconds / month_seconds
+            gb_months = Fraction(row.size_bytes, GB) * seconds / month_seconds
             line.seconds += int(seconds)
             line.gb_months += gb_months
             line.cost += gb_months * period.prices.storage_per_gb_month
@@ -266,6 +270,8 @@ def month_totals(
     return totals
 
 
+# A statement's kind for each stored thing: an adapter's files, its merged export.
+STORAGE_KINDS = {"adapter": "storage", "merge": "merge_storage"}
 STATEMENT_COLUMNS = [
     "date",
     "kind",
@@ -284,8 +290,9 @@ def statement_csv(
     session: Session, tenant: Tenant, month: date, *, now: datetime, base_model_id: str
 ) -> str:
     """The tenant's bill for ``month`` (to ``now`` if it is the current one) as CSV: one line
-    per day, adapter version and kind (interactive, batch), one per stored version, then the
-    total, which is the sum of the lines as printed."""
+    per day, adapter version and kind (interactive, batch), one per stored version
+    (``storage``) and merged export (``merge_storage``), then the total, which is the sum
+    of the lines as printed."""
     start, end = month_bounds(month)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -317,7 +324,7 @@ def statement_csv(
         writer.writerow(
             [
                 f"{month:%Y-%m}",
-                "storage",
+                STORAGE_KINDS[storage.kind],
                 storage.adapter,
                 storage.adapter_version,
                 storage.base_model,

@@ -18,7 +18,16 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
-from loramux.db.models import Adapter, AdapterVersion, Batch, File, PriceTable, UsageRecord
+from loramux.adapters import registry
+from loramux.db.models import (
+    Adapter,
+    AdapterMerge,
+    AdapterVersion,
+    Batch,
+    File,
+    PriceTable,
+    UsageRecord,
+)
 from loramux.db.session import transaction
 from tests.fixtures.services import both_registries
 from tests.platform.conftest import admin_headers
@@ -509,3 +518,85 @@ def test_statement_of_an_unknown_tenant_is_404(client: TestClient) -> None:
     response = client.get("/admin/api/tenants/nobody/statement", headers=admin_headers())
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "tenant"
+
+
+def add_merge(
+    session: Session,
+    version: AdapterVersion,
+    status: str,
+    size_bytes: int,
+    finished_at: datetime | None,
+) -> AdapterMerge:
+    """A merge row as the worker leaves it (no blobs written)."""
+    merge = AdapterMerge(
+        tenant_id=version.tenant_id, adapter_version_id=version.id,
+        base_model_id="smollm2-135m-instruct", status=status, size_bytes=size_bytes,
+        sha256="9" * 64 if status == "succeeded" else None,
+        created_at=(finished_at or datetime.now(UTC)) - timedelta(hours=1),
+        finished_at=finished_at,
+    )  # fmt: skip
+    session.add(merge)
+    session.flush()
+    return merge
+
+
+@both_registries
+def test_merged_exports_are_stored_bytes_for_the_quota_the_admin_and_the_bill(
+    client: TestClient, make_tenant: Any, db: sessionmaker[Session]
+) -> None:
+    tenant, _ = make_tenant("acme")
+    other, _ = make_tenant("globex")
+    install_march_prices(client, db)
+    march_1, march_10, march_12 = (datetime(2026, 3, d, tzinfo=UTC) for d in (1, 10, 12))
+    with transaction(db) as session:
+        bot = add_adapter_version(session, tenant["id"], "bot", "a" * 64, created_at=march_10)
+        bot.size_bytes = 10**9
+        add_merge(session, bot, "succeeded", 2 * 10**9, finished_at=march_12)
+        # A failed merge holds nothing; a running one its reservation, billed once stored.
+        failed = add_adapter_version(session, tenant["id"], "failed", "b" * 64, created_at=march_1)
+        add_merge(session, failed, "failed", 0, finished_at=march_12)
+        running = add_adapter_version(session, tenant["id"], "running", "c" * 64)
+        add_merge(session, running, "running", 700, finished_at=None)
+        # The same stored bytes as acme's bot and its export, without a merge.
+        plain = add_adapter_version(session, other["id"], "plain", "d" * 64, created_at=march_1)
+        plain.size_bytes = 3 * 10**9
+    # acme: bot 10^9, its export 2*10^9, the reservation 700, the other versions 1 byte each
+    expected_bytes = 10**9 + 2 * 10**9 + 700 + 2
+    with db() as session:
+        assert registry.storage_used(session, tenant["id"]) == expected_bytes
+
+    listed = client.get("/admin/api/tenants", headers=admin_headers()).json()["data"]
+    by_name = {t["name"]: t["usage"] for t in listed}
+    assert by_name["acme"]["storage_used_bytes"] == expected_bytes
+    detail = client.get(f"/admin/api/tenants/{tenant['id']}", headers=admin_headers()).json()
+    assert detail["usage"]["storage_used_bytes"] == expected_bytes
+    # This month both stored the whole time: acme's 3 GB (adapter and export) cost what
+    # globex's 3 GB adapter does, give or take the tiny versions' micro-dollar.
+    acme_cost = Fraction(by_name["acme"]["this_month"]["storage_cost_usd"])
+    globex_cost = Fraction(by_name["globex"]["this_month"]["storage_cost_usd"])
+    assert acme_cost > 0 and abs(acme_cost - globex_cost) <= Fraction(1, 10**6)
+
+    statement = client.get(
+        f"/admin/api/tenants/{tenant['id']}/statement?month=2026-03", headers=admin_headers()
+    )
+    assert statement.status_code == 200, statement.text
+    rows = list(csv.DictReader(io.StringIO(statement.text)))
+    stored = {(r["kind"], r["adapter"]): r for r in rows if r["kind"].endswith("storage")}
+    assert set(stored) == {("storage", "bot"), ("merge_storage", "bot"), ("storage", "failed")}
+    change = MARCH[1][1]  # 0.023 USD per GB-month before, 0.1 after
+    month = Fraction(31 * 86400)
+    end_of_march = datetime(2026, 4, 1, tzinfo=UTC)
+
+    def cost(gb: int, start: datetime) -> int:
+        before = Fraction((change - start).total_seconds())
+        after = Fraction((end_of_march - change).total_seconds())
+        return to_micro(gb * (before * usd("0.023") + after * usd("0.1")) / month)
+
+    to_int = lambda value: round(Fraction(value) * 10**6)  # noqa: E731
+    assert to_int(stored[("storage", "bot")]["cost_usd"]) == cost(1, march_10)
+    assert to_int(stored[("merge_storage", "bot")]["cost_usd"]) == cost(2, march_12)
+    gb_months = 2 * Fraction((end_of_march - march_12).total_seconds()) / month
+    printed = Fraction(stored[("merge_storage", "bot")]["gb_months"])  # 9 decimal places
+    assert abs(printed - gb_months) <= Fraction(1, 2 * 10**9)
+    total = to_int(rows[-1]["cost_usd"])
+    assert total == sum(to_int(r["cost_usd"]) for r in rows[:-1]) >= cost(2, march_12) > 0

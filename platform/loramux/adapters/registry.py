@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, Subquery, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from loramux import tenancy
@@ -93,23 +93,67 @@ def list_versions(session: Session, tenant_id: str, name: str) -> list[dict[str,
     return [version_view(adapter, version) for version in versions]
 
 
-def storage_used(session: Session, tenant_id: str) -> int:
-    """Bytes of the tenant's live adapters' versions (rejected ones hold no storage) and of
-    their merged models (adapters/merge.py: a failed merge holds none)."""
-    used = session.scalar(
-        select(func.coalesce(func.sum(AdapterVersion.size_bytes), 0))
+def stored_holdings() -> Subquery:
+    """Everything that counts as a tenant's stored bytes, one row each: every version of an
+    adapter (a rejected one holds none) and every merged export (adapters/merge.py: a failed
+    merge holds none; a queued or running one holds its reservation). The quota, the
+    admin's summary and the bill (billing.py) all read these rows, so they agree.
+
+    Columns: ``tenant_id``, ``kind`` ("adapter" or "merge"), ``adapter``,
+    ``adapter_version``, ``base_model``, ``size_bytes``, ``stored_at`` (when the bytes were
+    stored: the upload, or the merge's finish; null while a merge runs) and ``deleted_at``
+    (the adapter's deletion, which ends both; null while it lives).
+    """
+    versions = (
+        select(
+            AdapterVersion.tenant_id.label("tenant_id"),
+            literal("adapter", String(8)).label("kind"),
+            Adapter.name.label("adapter"),
+            AdapterVersion.version.label("adapter_version"),
+            Adapter.base_model_id.label("base_model"),
+            AdapterVersion.size_bytes.label("size_bytes"),
+            AdapterVersion.created_at.label("stored_at"),
+            Adapter.deleted_at.label("deleted_at"),
+        )
         .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-        .where(AdapterVersion.tenant_id == tenant_id, Adapter.deleted_at.is_(None))
         .where(AdapterVersion.status != "rejected")
     )
-    merged = session.scalar(
-        select(func.coalesce(func.sum(AdapterMerge.size_bytes), 0))
+    merges = (
+        select(
+            AdapterMerge.tenant_id,
+            literal("merge", String(8)),
+            Adapter.name,
+            AdapterVersion.version,
+            AdapterMerge.base_model_id,
+            AdapterMerge.size_bytes,
+            AdapterMerge.finished_at,
+            Adapter.deleted_at,
+        )
         .join(AdapterVersion, AdapterVersion.id == AdapterMerge.adapter_version_id)
         .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-        .where(AdapterMerge.tenant_id == tenant_id, Adapter.deleted_at.is_(None))
         .where(AdapterMerge.status != "failed")
     )
-    return int(used or 0) + int(merged or 0)
+    return union_all(versions, merges).subquery("stored_holdings")
+
+
+def storage_used_by_tenant(session: Session, tenant_id: str | None = None) -> dict[str, int]:
+    """Bytes each tenant stores now (``stored_holdings`` of live adapters); one tenant's, or
+    every tenant's with any."""
+    held = stored_holdings()
+    query = (
+        select(held.c.tenant_id, func.coalesce(func.sum(held.c.size_bytes), 0))
+        .where(held.c.deleted_at.is_(None))
+        .group_by(held.c.tenant_id)
+    )
+    if tenant_id is not None:
+        query = query.where(held.c.tenant_id == tenant_id)
+    return {tenant: int(used or 0) for tenant, used in session.execute(query)}
+
+
+def storage_used(session: Session, tenant_id: str) -> int:
+    """The bytes ``max_storage_bytes`` limits: the tenant's live adapters' versions and
+    merged exports, reservations included (``stored_holdings``)."""
+    return storage_used_by_tenant(session, tenant_id).get(tenant_id, 0)
 
 
 def check_quotas(session: Session, tenant: Tenant, name: str, size_bytes: int) -> None:

@@ -61,11 +61,15 @@ async def create_tenant(request: Request) -> JSONResponse:
 
 
 async def get_tenant(request: Request) -> JSONResponse:
+    """The tenant with its quotas and, under ``usage``, what the list shows for it."""
     _admin(request)
+    base_model_id = state(request).base_model_id
 
     def run() -> dict[str, Any]:
         with state(request).sessions() as session:
-            return tenancy.tenant_view(tenancy.get_tenant(session, request.path_params["id"]))
+            tenant = tenancy.get_tenant(session, request.path_params["id"])
+            summaries = tenant_summaries(session, base_model_id)
+            return {**tenancy.tenant_view(tenant), "usage": summaries.get(tenant.id, unused())}
 
     return JSONResponse(await run_in_threadpool(run))
 

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from loramux import tenancy
+from loramux.adapters.registry import storage_used_by_tenant
 from loramux.api.common import json_object, principal, state
 from loramux.api.params import date_range, limit_param, month_param, text_param
 from loramux.billing import (
@@ -25,7 +26,7 @@ from loramux.billing import (
     statement_csv,
     usage_rows,
 )
-from loramux.db.models import Adapter, AdapterVersion, Tenant
+from loramux.db.models import Adapter, Tenant
 from loramux.db.session import transaction
 from loramux.pricing import current_table, parse_prices, round_micro, set_prices, table_view, usd
 
@@ -35,7 +36,8 @@ def _admin(request: Request) -> str:
 
 
 def tenant_summaries(session: Session, base_model_id: str) -> dict[str, dict[str, Any]]:
-    """Per tenant: live adapters, bytes stored, and this month's tokens and cost so far."""
+    """Per tenant: live adapters, bytes stored (adapters and merged exports, as the quota
+    counts them), and this month's tokens and cost so far."""
     now = datetime.now(UTC)
     adapters = dict(
         session.execute(
@@ -44,15 +46,8 @@ def tenant_summaries(session: Session, base_model_id: str) -> dict[str, dict[str
             .group_by(Adapter.tenant_id)
         ).all()
     )
-    # As registry.storage_used counts it for the quota: live adapters, rejected excluded.
-    storage = dict(
-        session.execute(
-            select(AdapterVersion.tenant_id, func.sum(AdapterVersion.size_bytes))
-            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            .where(Adapter.deleted_at.is_(None), AdapterVersion.status != "rejected")
-            .group_by(AdapterVersion.tenant_id)
-        ).all()
-    )
+    # As the quota counts it (registry.stored_holdings): merged exports included.
+    storage = storage_used_by_tenant(session)
     totals = month_totals(session, now.date(), now=now, base_model_id=base_model_id)
     tenant_ids = set(adapters) | set(storage) | set(totals)
     return {
