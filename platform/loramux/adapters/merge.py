@@ -202,7 +202,7 @@ def merge_view(
         "status": merge.status,
         "progress": merge.progress,
         "error": merge.error,
-        "sha256": merge.sha256,
+        "sha256": merge.sha256 if merge.status == "succeeded" else None,
         "size_bytes": merge.size_bytes,
         "files": files,
         "url_expires_in_s": settings.merge_download_url_ttl_s if storage.supports_presign else None,

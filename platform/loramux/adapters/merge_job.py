@@ -7,6 +7,11 @@ code (loramux_engine.lora.merge: PEFT's scaling, rsLoRA and patterns included), 
 file of the export is stored under its content address before the row says
 ``succeeded``, in a transaction that checks the tenant's storage quota with the real size.
 Two copies running at once write the same bytes to the same keys; one outcome stands.
+
+Blobs are shared: two tenants' merges of the same bytes have one digest. A job names its
+digest in its row before it stores a blob, and blobs are deleted (a failed job's, the
+orphans' pass) only when no row references the digest, checked and deleted under the
+digest's lock (``lock_digest``), which naming a digest takes too.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +43,8 @@ from loramux_engine.lora.merge import write_merged_model
 from loramux_engine.lora.ref import combine_file_digests
 
 log = logging.getLogger(__name__)
+# The first key of the advisory locks on merged exports' digests (lock_digest).
+DIGEST_LOCK_CLASS = 0x4D52
 FINAL = ("succeeded", "failed")
 # The registry or the store unreachable: the task retries (jobs/tasks.py).
 TRANSIENT = (OperationalError, StorageError)
@@ -162,6 +169,19 @@ def _store(
     files: list[dict[str, Any]],
 ) -> str | None:
     digest = export_sha256(files)
+    # The row names the digest before any blob is stored, under the digest's lock: a
+    # cleanup that deletes these blobs either finished first or sees this reference.
+    with transaction(sessions) as session:
+        lock_digest(session, digest)
+        recorded = session.execute(
+            update(AdapterMerge)
+            .where(AdapterMerge.id == merge_id, AdapterMerge.status.in_(PENDING))
+            .values(sha256=digest)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(recorded, "rowcount", 0) != 1:  # finished meanwhile (another copy)
+            merge = session.get(AdapterMerge, merge_id)
+            return merge.status if merge is not None else None
     for i, entry in enumerate(files):
         with (work / "export" / entry["name"]).open("rb") as stream:
             storage.put(merge_key(digest, entry["name"]), stream, sha256=entry["sha256"])
@@ -177,7 +197,7 @@ def _store(
             tenant.max_storage_bytes is not None and others + size > tenant.max_storage_bytes
         )
         if over_quota:
-            merge.status, merge.size_bytes = "failed", 0
+            merge.status, merge.size_bytes, merge.sha256 = "failed", 0, None
             merge.error = (
                 f"the merged model is {size} bytes, which would bring the tenant's storage "
                 f"over its limit (max_storage_bytes={tenant.max_storage_bytes})"
@@ -187,7 +207,7 @@ def _store(
             merge.sha256, merge.files, merge.size_bytes = digest, files, size
         merge.finished_at = datetime.now(UTC)
     if over_quota:
-        _drop_unreferenced(sessions, storage, digest, files)
+        drop_unreferenced(sessions, storage, digest)
         return "failed"
     log.info(
         "merge %s succeeded: %d files, %d bytes, sha256 %s", merge_id, len(files), size, digest
@@ -198,59 +218,72 @@ def _store(
 def _finish(sessions: sessionmaker[Session], merge_id: str, *, error: str) -> str | None:
     log.warning("merge %s failed: %s", merge_id, error)
     _update(
-        sessions, merge_id, status="failed", error=error, size_bytes=0,
+        sessions, merge_id, status="failed", error=error, size_bytes=0, sha256=None,
         finished_at=datetime.now(UTC),
     )  # fmt: skip
     with sessions() as session:
         return session.scalar(select(AdapterMerge.status).where(AdapterMerge.id == merge_id))
 
 
-def _drop_unreferenced(
-    sessions: sessionmaker[Session], storage: Storage, digest: str, files: list[dict[str, Any]]
-) -> None:
-    """Remove a failed job's stored files unless a succeeded merge (the same bytes, perhaps
-    another tenant's) holds them."""
-    with sessions() as session:
-        kept = session.scalar(
-            select(AdapterMerge.id).where(
-                AdapterMerge.sha256 == digest, AdapterMerge.status == "succeeded"
-            )
+def lock_digest(session: Session, digest: str) -> None:
+    """Hold, until ``session`` commits, the lock that orders naming ``digest`` in a row and
+    deleting its blobs: PostgreSQL's advisory lock for the digest (another digest may share
+    it, which only serializes the two), SQLite's one write lock (any write takes it)."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int(digest[:7], 16)  # 28 bits: a positive int4
+        session.execute(select(func.pg_advisory_xact_lock(DIGEST_LOCK_CLASS, key)))
+    else:
+        session.execute(
+            update(AdapterMerge)
+            .where(AdapterMerge.id == "")
+            .values(sha256=AdapterMerge.sha256)
+            .execution_options(synchronize_session=False)
         )
-    if kept is None:
-        for entry in files:
-            storage.delete(merge_key(digest, entry["name"]))
 
 
-def _live_merge_shas(session: Session, shas: set[str]) -> set[str]:
-    """Those of ``shas`` a succeeded merge of a live adapter names."""
+def _referenced(session: Session, digests: set[str]) -> set[str]:
+    """Those of ``digests`` a merge row (any tenant's) still needs: a job queued or running
+    that named it (its blobs may be stored or on their way), or a succeeded merge of a
+    live adapter."""
+    live = Adapter.deleted_at.is_(None) & (AdapterMerge.status == "succeeded")
     return set(
         session.scalars(
             select(AdapterMerge.sha256)
             .join(AdapterVersion, AdapterVersion.id == AdapterMerge.adapter_version_id)
             .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            .where(
-                AdapterMerge.sha256.in_(shas),
-                AdapterMerge.status == "succeeded",
-                Adapter.deleted_at.is_(None),
-            )
+            .where(AdapterMerge.sha256.in_(digests), AdapterMerge.status.in_(PENDING) | live)
         )
     )
 
 
+def drop_unreferenced(
+    sessions: sessionmaker[Session], storage: Storage, digest: str, keys: list[str] | None = None
+) -> list[str]:
+    """Delete the blobs under ``merges/<digest>/`` (``keys``, else all listed there) unless
+    a merge row still references the digest; checked and deleted under the digest's lock,
+    so a job naming it meanwhile either waits and stores its blobs again, or is seen."""
+    with transaction(sessions) as session:
+        lock_digest(session, digest)
+        if _referenced(session, {digest}):
+            return []
+        doomed = keys if keys is not None else list(storage.list(f"merges/{digest}/"))
+        for key in doomed:
+            storage.delete(key)
+    return doomed
+
+
 def remove_orphaned_merges(sessions: sessionmaker[Session], storage: Storage) -> list[str]:
-    """Delete merged models no succeeded merge of a live adapter names (a deleted adapter's,
-    a failed job's). A job in flight stores its files before its row names them, so none
-    is deleted while any job is queued or running; the next pass takes them."""
-    keys = list(storage.list("merges/"))
-    if not keys:
+    """Delete merged models no merge row references (a deleted adapter's, a failed job's),
+    each digest checked again under its lock (``drop_unreferenced``)."""
+    by_digest: dict[str, list[str]] = {}
+    for key in storage.list("merges/"):
+        by_digest.setdefault(key.split("/")[1], []).append(key)
+    if not by_digest:
         return []
     with sessions() as session:
-        if session.scalar(select(AdapterMerge.id).where(AdapterMerge.status.in_(PENDING))):
-            return []
-        kept = _live_merge_shas(session, {key.split("/")[1] for key in keys})
+        kept = _referenced(session, set(by_digest))
     deleted = []
-    for key in keys:
-        if key.split("/")[1] not in kept:
-            storage.delete(key)
-            deleted.append(key)
+    for digest, keys in by_digest.items():
+        if digest not in kept:
+            deleted += drop_unreferenced(sessions, storage, digest, keys)
     return deleted

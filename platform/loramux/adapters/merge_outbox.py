@@ -136,7 +136,7 @@ class MergeOutbox:
             done = session.execute(
                 update(AdapterMerge)
                 .where(spent)
-                .values(status="failed", error=reason, size_bytes=0, finished_at=now)
+                .values(status="failed", error=reason, size_bytes=0, sha256=None, finished_at=now)
                 .execution_options(synchronize_session=False)
             )
         count = int(getattr(done, "rowcount", 0) or 0)

@@ -9,6 +9,7 @@ OpenAI's error shape.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -237,3 +238,75 @@ def test_a_failed_merge_says_why_frees_its_quota_and_can_be_requested_again(  # 
     assert again.status_code == 202 and again.json()["id"] == job["id"]
     assert (again.json()["status"], again.json()["error"]) == ("queued", None)
     assert run_merge(db, storage, settings, job["id"]) == "succeeded"
+
+
+class PausingStorage:
+    """The app's storage, whose first stored file of a merged export waits for ``go``: a
+    job caught between storing its blobs and recording its success."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.stored, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put(self, key: str, data: Any, *, sha256: str | None = None) -> Any:
+        info = self.inner.put(key, data, sha256=sha256)
+        if key.startswith("merges/") and not self.stored.is_set():
+            self.stored.set()
+            assert self.go.wait(120)
+        return info
+
+
+def test_an_over_quota_merge_keeps_the_blobs_another_tenants_job_shares(  # type: ignore[no-untyped-def]
+    local_client: TestClient, make_tenant, merge_adapter, db: sessionmaker[Session]
+) -> None:
+    adapter_dir, _ = merge_adapter
+    app: Any = local_client.app
+    settings, storage = app.state.loramux.settings, app.state.loramux.storage
+    shape = base_model_shape(settings)
+    path = MERGE.format("bot", 1)
+    tenants = {}
+    for name in ("acme", "globex"):  # the same adapter bytes: the same export digest
+        tenant, secret = make_tenant(name)
+        uploaded = upload(local_client, secret, "bot", adapter_dir).json()
+        assert validate_version(db, storage, shape, 64, uploaded["version_id"]) == "ready"
+        job = local_client.post(path, headers=bearer(secret)).json()
+        tenants[name] = (tenant, secret, uploaded, job)
+    globex, globex_secret, globex_upload, globex_job = tenants["globex"]
+    patched = local_client.patch(
+        f"/admin/api/tenants/{globex['id']}",
+        json={"max_storage_bytes": globex_upload["size_bytes"] + 1},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert patched.status_code == 200, patched.text
+
+    # acme's job stores its first file and stops there, not yet succeeded.
+    _, acme_secret, _, acme_job = tenants["acme"]
+    paused = PausingStorage(storage)
+    outcome: list[str | None] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(run_merge(db, paused, settings, acme_job["id"]))
+    )
+    worker.start()
+    try:
+        assert paused.stored.wait(120), "acme's job never stored a file"
+        # globex's job stores the same blobs, is over its quota and cleans up after itself.
+        assert run_merge(db, storage, settings, globex_job["id"]) == "failed"
+    finally:
+        paused.go.set()
+        worker.join(120)
+    failed = local_client.get(path, headers=bearer(globex_secret)).json()
+    assert "max_storage_bytes" in failed["error"] and failed["sha256"] is None
+    assert outcome == ["succeeded"]
+
+    done = local_client.get(path, headers=bearer(acme_secret)).json()
+    for entry in done["files"]:  # every file there, its sha256 checked as it streams
+        body = local_client.get(entry["url"], headers=bearer(acme_secret))
+        assert body.status_code == 200 and sha256_of(body.content) == entry["sha256"]
+    stored = {f"merges/{done['sha256']}/{entry['name']}" for entry in done["files"]}
+    assert set(storage.list("merges/")) == stored
+    assert remove_orphaned_merges(db, storage) == []  # acme's merge references them
+    assert local_client.delete("/v1/adapters/bot", headers=bearer(acme_secret)).status_code == 200
+    assert set(remove_orphaned_merges(db, storage)) == stored
