@@ -131,7 +131,9 @@ def create_app(settings: Settings, *, app_state: AppState | None = None) -> Star
         middleware=[
             # The request id first, so the trace and every log line of the request carry it.
             Middleware(RequestId),
-            *asgi_middleware(request_hook=trace_request_id),
+            *asgi_middleware(
+                request_hook=trace_request_id, trust_incoming=settings.trace_trust_incoming
+            ),
             Middleware(
                 BodySizeLimit,
                 max_bytes=settings.max_body_bytes,

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     otel_endpoint: str | None = None
     otel_service_name: str = "loramux"
     otel_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Whether a public route continues the trace a caller's traceparent names. Off: tenants
+    # are hostile, so only /internal/* (this deployment's own hops) continue one and every
+    # other request starts its own trace. On only behind a proxy that sets the header.
+    trace_trust_incoming: bool = False
 
     # Adapter lifecycle: how long an upload may hold its blobs before cleanup may take them
     # (also the presigned URL's lifetime), and how often the cleanup task runs.

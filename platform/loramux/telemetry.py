@@ -6,7 +6,9 @@ span, ``loramux.auth``, ``loramux.admission``, one ``loramux.engine.generate`` p
 (with a ``loramux.engine.queue`` child from submission to the first token, and
 ``first_token`` / ``finished`` events), and ``loramux.usage``. Celery tasks continue the
 trace that enqueued them (W3C ``traceparent`` in the message headers), and a batch
-worker's engine calls continue it on the API server (the same header over HTTP).
+worker's engine calls continue it on the API server (the same header over HTTP, on
+``/internal/*``). A ``traceparent`` sent to a public route is ignored, the request starting
+its own trace (its request id kept), unless ``trace_trust_incoming`` is set.
 
 Spans carry ids, counts and reasons, never text: no prompt, completion, key secret or
 exception message. Every exporter is wrapped so that an exception recorded by a library
@@ -37,6 +39,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser
 from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loramux.settings import Settings
 
@@ -207,20 +210,52 @@ class TracedAuthBackend(AuthenticationBackend):
             return result
 
 
-def asgi_middleware(request_hook: Any = None) -> list[Middleware]:
+# The W3C headers by which a caller says which trace a request belongs to.
+TRACE_CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+# Routes whose callers are this deployment's own processes (a batch worker's engine calls).
+TRUSTED_PREFIX = "/internal/"
+
+
+class UntrustedTraceContext:
+    """Drops the trace context headers of a request from outside, so that it starts a new
+    trace: tenants are hostile, and one that sent a ``traceparent`` would join (or fill
+    with its spans) an operator's trace. Kept on ``/internal/*`` routes, and on every
+    route when ``trace_trust_incoming`` says the API sits behind a proxy the operator
+    trusts to set them."""
+
+    def __init__(self, app: ASGIApp, trust_incoming: bool = False) -> None:
+        self.app = app
+        self.trust_incoming = trust_incoming
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] in ("http", "websocket")
+            and not self.trust_incoming
+            and not scope["path"].startswith(TRUSTED_PREFIX)
+        ):
+            headers = scope.get("headers") or []
+            kept = [(n, v) for n, v in headers if n.lower() not in TRACE_CONTEXT_HEADERS]
+            if len(kept) != len(headers):
+                scope = {**scope, "headers": kept}
+        await self.app(scope, receive, send)
+
+
+def asgi_middleware(request_hook: Any = None, *, trust_incoming: bool = False) -> list[Middleware]:
     """The ASGI server span per request, while tracing is on; health checks and scrapes
-    are left out. No headers are recorded (Authorization holds the key)."""
+    are left out. No headers are recorded (Authorization holds the key). An incoming trace
+    context is continued only as ``UntrustedTraceContext`` allows."""
     current = provider()
     if current is None:
         return []
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
     return [
+        Middleware(UntrustedTraceContext, trust_incoming=trust_incoming),
         Middleware(
             OpenTelemetryMiddleware,
             excluded_urls="://[^/]+/(healthz|readyz|metrics)$",  # whole paths only
             server_request_hook=request_hook,
             tracer_provider=current,
             exclude_spans=["receive", "send"],
-        )
+        ),
     ]

@@ -466,3 +466,39 @@ def test_payload_loggers_stay_at_warning_under_debug() -> None:
             log.setLevel(level)
             log.handlers = handlers
             log.propagate = propagate
+
+
+HOSTILE_TRACE = "0af7651916cd43dd8448eb211c80319c"
+HOSTILE_PARENT = "b7ad6b7169203331"
+
+
+def traced_app(settings: Settings, **update: Any) -> TestClient:
+    return TestClient(create_app(settings.model_copy(update=update),
+                                 app_state=build_state(settings)))  # fmt: skip
+
+
+@pytest.mark.parametrize("trust_incoming", [False, True])
+def test_a_callers_traceparent_is_continued_only_where_trusted(
+    exporter: InMemorySpanExporter, settings: Settings, trust_incoming: bool
+) -> None:
+    """Public routes start their own trace unless ``trace_trust_incoming``; /internal/*
+    (a worker's engine calls) continue the caller's. The request id stays either way."""
+    headers = {
+        "traceparent": f"00-{HOSTILE_TRACE}-{HOSTILE_PARENT}-01",
+        "tracestate": "evil=1",
+        "X-Request-Id": "sent-by-caller",
+    }
+    with traced_app(settings, trace_trust_incoming=trust_incoming) as client:
+        public = client.get("/v1/models", headers=headers)
+        internal = client.get("/internal/engine/info", headers=headers)
+    assert public.headers["x-request-id"] == internal.headers["x-request-id"] == "sent-by-caller"
+    assert internal.status_code == 401  # no admin key; the span still continues the hop
+    spans = {s.name: s for s in map(from_sdk, exporter.get_finished_spans())}
+    public_span, internal_span = spans["GET /v1/models"], spans["GET /internal/engine/info"]
+    assert internal_span.trace_id == HOSTILE_TRACE
+    assert internal_span.parent_id == HOSTILE_PARENT
+    assert public_span.attributes["loramux.request_id"] == "sent-by-caller"
+    if trust_incoming:
+        assert (public_span.trace_id, public_span.parent_id) == (HOSTILE_TRACE, HOSTILE_PARENT)
+    else:
+        assert public_span.trace_id != HOSTILE_TRACE and public_span.parent_id is None
