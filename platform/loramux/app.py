@@ -15,8 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from loramux import openapi
-from loramux.adapters.merge_outbox import MergeOutbox
-from loramux.adapters.outbox import ValidationOutbox
+from loramux.adapters.outbox import MergeOutbox, ValidationOutbox
 from loramux.api import (
     adapters,
     admin,

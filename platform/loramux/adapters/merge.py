@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.adapters import registry
-from loramux.adapters.merge_outbox import MergeOutbox
+from loramux.adapters.outbox import MergeOutbox
 from loramux.api.params import ascii_int
 from loramux.audit import record
 from loramux.base_models import ModelError, resolve_model

@@ -1,7 +1,7 @@
 """The merge task's work for one job, idempotent by job id.
 
 A job already ``succeeded`` or ``failed`` is left alone, so a redelivered message, or one
-the outbox published again after a timeout (merge_outbox.py), is a no-op. The adapter's
+the outbox published again after a timeout (outbox.py), is a no-op. The adapter's
 files are fetched and checked against the version's sha256, merged by the engine's own
 code (loramux_engine.lora.merge: PEFT's scaling, rsLoRA and patterns included), and each
 file of the export is stored under its content address before the row says
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loramux.adapters import registry
 from loramux.adapters.merge import merge_key
-from loramux.adapters.merge_outbox import PENDING
+from loramux.adapters.outbox import MERGE_PENDING as PENDING
 from loramux.app import base_model_id
 from loramux.base_models import ModelError, resolve_model, sha256_file
 from loramux.db.models import Adapter, AdapterMerge, AdapterVersion

@@ -154,7 +154,7 @@ class AdapterMerge(Base):
 
     One per version and base model; a second request returns it. While ``queued`` or
     ``running`` the row is the job's outbox, as a validating version is
-    (adapters/merge_outbox.py): its message went out ``attempts`` times, and the dispatcher
+    (adapters/outbox.py): its message went out ``attempts`` times, and the dispatcher
     acts again at ``due_at``. ``size_bytes`` counts against the tenant's storage quota: the
     export's size once succeeded, the estimate reserved before, 0 once failed.
     """

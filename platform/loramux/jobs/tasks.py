@@ -9,7 +9,7 @@ from sqlalchemy.exc import OperationalError
 from loramux.adapters.base_shape import base_model_shape
 from loramux.adapters.cleanup import run_cleanup
 from loramux.adapters.merge_job import run_merge
-from loramux.adapters.merge_outbox import MERGE_TASK
+from loramux.adapters.outbox import MERGE_TASK
 from loramux.adapters.validation_job import validate_version
 from loramux.jobs.app import app
 from loramux.jobs.config import CLEANUP_ORPHANED_BLOBS, VALIDATE_ADAPTER_VERSION
