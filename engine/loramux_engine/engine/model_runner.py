@@ -18,6 +18,7 @@ from loramux_engine.lora.adapter import LoRAAdapter
 from loramux_engine.lora.ops import LoRABatch
 from loramux_engine.lora.pool import LoRASlotPool
 from loramux_engine.models.config import ModelArgs
+from loramux_engine.models.cpu_decode import CPUDecodePath, pack_weights
 from loramux_engine.utils.allocator import keep_large_blocks
 from loramux_engine.utils.context import AttentionSegment, Context, reset_context, set_context
 from loramux_engine.utils.loader import load_model
@@ -115,6 +116,12 @@ class ModelRunner:
             attn.block_size = block_size
             attn.decode_kernel = kernel
             attn.triton_kernel = triton_kernel
+        # steps of few tokens in one to four C calls per layer (models/cpu_decode.py)
+        self.cpu_decode = None
+        if gemv_kernel is not None and fused is not None and kernel is not None:
+            pack_weights(self.model)
+            self.cpu_decode = CPUDecodePath.build(self.model.model, args)
+            self.model.model.cpu_decode = self.cpu_decode
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.attention_backend == "triton":  # on CUDA only
             self.decode_graphs = self.make_decode_graphs(max_num_seqs, capture=True)

@@ -20,161 +20,7 @@
  * kernel runs on torch's own worker threads instead of competing with them while they
  * spin after a matmul (measured: twice the time with a pthread pool of our own).
  */
-#include <math.h>
-
-#include "vec16.h"
-
-#define MAX_GROUP 16
-#define MAX_CHUNKS 16 /* head_dim / 16 */
-#define BLOCK 16      /* keys per online-softmax step: one vector of scores */
-#define PREFETCH 8    /* keys ahead in the sequence, found through its block table */
-
-typedef struct {
-    const float *q, *k, *v;
-    float *out;
-    const int64_t *block_ids, *table_starts, *lens;
-    int64_t num_seqs, num_heads, num_kv_heads, head_dim, cache_rows, block_shift;
-    float scale;
-} Args;
-
-/* The cache row of a sequence's key l, through its block table. */
-static inline int64_t row_of(const int64_t *table, int64_t shift, int64_t l) {
-    return (table[l >> shift] << shift) | (l & ((INT64_C(1) << shift) - 1));
-}
-
-/* mask ? a : b per lane; mask lanes are all ones or all zeros (a vector comparison) */
-static inline v16 select(v16i mask, v16 a, v16 b) {
-    v16i ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    v16i r = (mask & ai) | (~mask & bi);
-    v16 out;
-    memcpy(&out, &r, sizeof out);
-    return out;
-}
-
-static inline float hmax(v16 x) {
-    float lanes[16], best = -INFINITY;
-    memcpy(lanes, &x, sizeof lanes);
-    for (int i = 0; i < 16; i++) best = lanes[i] > best ? lanes[i] : best;
-    return best;
-}
-
-/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial), within
- * about one ulp of expf; below -87 it flushes to 0 so masked lanes give exactly 0. */
-static inline v16 vexp(v16 x) {
-    const v16 lo = splat(-87.0f);
-    v16i tiny = x < lo;
-    x = select(tiny, lo, x);
-    v16 fx = x * 1.44269504088896341f + 0.5f;
-    v16i n = __builtin_convertvector(fx, v16i);
-    v16 nf = __builtin_convertvector(n, v16);
-    v16i above = nf > fx; /* truncation rounded up for negatives: floor() */
-    n += above;
-    nf = __builtin_convertvector(n, v16);
-    x = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-    v16 p = splat(1.9875691500e-4f);
-    p = p * x + 1.3981999507e-3f;
-    p = p * x + 8.3334519073e-3f;
-    p = p * x + 4.1665795894e-2f;
-    p = p * x + 1.6666665459e-1f;
-    p = p * x + 5.0000001201e-1f;
-    p = p * x * x + x + 1.0f;
-    v16i bits = (n + 127) << 23;
-    v16 two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    v16 y = p * two_n;
-    return select(tiny, splat(0.f), y);
-}
-
-/* One cache row into C vectors, prefetching the row the sequence reads PREFETCH later. */
-static inline void load_row(v16 *dst, const float *row, const float *ahead, int64_t C) {
-    for (int64_t c = 0; c < C; c++) {
-        __builtin_prefetch(ahead + c * 16);
-        dst[c] = load16(row + c * 16);
-    }
-}
-
-/* G query heads per kv head, C vectors per head; inlined with constant G and C for the
- * common shapes so that the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void attend_group(const Args *a, int64_t b,
-                                                               int64_t kvh, const int64_t G,
-                                                               const int64_t C) {
-    const int64_t D = C * 16;
-    const int64_t L = a->lens[b], shift = a->block_shift;
-    const int64_t *table = a->block_ids + a->table_starts[b];
-    const float *K = a->k + kvh * a->cache_rows * D;
-    const float *V = a->v + kvh * a->cache_rows * D;
-    const float *q = a->q + (b * a->num_heads + kvh * G) * D;
-    float *out = a->out + (b * a->num_heads + kvh * G) * D;
-    v16 qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS];
-    float maxs[MAX_GROUP], sums[MAX_GROUP];
-    for (int64_t g = 0; g < G; g++) {
-        for (int64_t c = 0; c < C; c++) {
-            qv[g][c] = load16(q + g * D + c * 16);
-            qv[g][c] *= a->scale;
-            acc[g][c] = splat(0.f);
-        }
-        maxs[g] = -INFINITY, sums[g] = 0.f;
-    }
-    const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (int64_t l0 = 0; l0 < L; l0 += BLOCK) {
-        const int64_t n = L - l0 < BLOCK ? L - l0 : BLOCK;
-        v16 partial[MAX_GROUP][BLOCK];
-        for (int64_t j = 0; j < BLOCK; j++) {  /* K row read once for the group */
-            if (j >= n) {
-                for (int64_t g = 0; g < G; g++) partial[g][j] = splat(0.f);
-                continue;
-            }
-            v16 kv[MAX_CHUNKS];
-            const int64_t l = l0 + j, ahead = l + PREFETCH < L ? l + PREFETCH : l;
-            load_row(kv, K + row_of(table, shift, l) * D, K + row_of(table, shift, ahead) * D, C);
-            for (int64_t g = 0; g < G; g++) {
-                v16 t = qv[g][0] * kv[0];
-                for (int64_t c = 1; c < C; c++) t += qv[g][c] * kv[c];
-                partial[g][j] = t;
-            }
-        }
-        float probs[MAX_GROUP][BLOCK];
-        for (int64_t g = 0; g < G; g++) {  /* online softmax: rescale what came before */
-            v16 s = transpose_sum(partial[g]);
-            s = select(lane < (float)n, s, splat(-INFINITY));
-            const float m = fmaxf(maxs[g], hmax(s));
-            const float correction = expf(maxs[g] - m);
-            const v16 p = vexp(s - m);
-            sums[g] = sums[g] * correction + hsum(p);
-            maxs[g] = m;
-            for (int64_t c = 0; c < C; c++) acc[g][c] *= correction;
-            store16(probs[g], p);
-        }
-        for (int64_t j = 0; j < n; j++) {  /* values: V row read once for the group */
-            v16 vv[MAX_CHUNKS];
-            const int64_t l = l0 + j, ahead = l + PREFETCH < L ? l + PREFETCH : l;
-            load_row(vv, V + row_of(table, shift, l) * D, V + row_of(table, shift, ahead) * D, C);
-            for (int64_t g = 0; g < G; g++) {
-                const float p = probs[g][j];
-                for (int64_t c = 0; c < C; c++) acc[g][c] += p * vv[c];
-            }
-        }
-    }
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = L > 0 ? 1.f / sums[g] : 0.f;
-        for (int64_t c = 0; c < C; c++) {
-            v16 o = acc[g][c] * inv;
-            store16(out + g * D + c * 16, o);
-        }
-    }
-}
-
-static void attend(const Args *a, int64_t b, int64_t kvh) {
-    const int64_t G = a->num_heads / a->num_kv_heads, C = a->head_dim / 16;
-#define SHAPE(g)                                         \
-    if (G == g && C == 4) return attend_group(a, b, kvh, g, 4); \
-    if (G == g && C == 8) return attend_group(a, b, kvh, g, 8);
-    SHAPE(1) SHAPE(2) SHAPE(3) SHAPE(4) SHAPE(5) SHAPE(6) SHAPE(7) SHAPE(8)
-#undef SHAPE
-    attend_group(a, b, kvh, G, C);
-}
+#include "paged_attention.h"
 
 int decode_attention(const float *q, const float *k_cache, const float *v_cache, float *out,
                      const int64_t *block_ids, const int64_t *table_starts, const int64_t *lens,
@@ -184,8 +30,9 @@ int decode_attention(const float *q, const float *k_cache, const float *v_cache,
     if (num_heads % num_kv_heads || num_heads / num_kv_heads > MAX_GROUP) return -1;
     if (head_dim % 16 || head_dim / 16 > MAX_CHUNKS) return -1;
     if (block_shift < 0 || block_shift > 30) return -1;
-    const Args args = {q, k_cache, v_cache, out, block_ids, table_starts, lens, num_seqs,
-                       num_heads, num_kv_heads, head_dim, cache_rows, block_shift, scale};
+    const Args args = {q, k_cache, v_cache, out, block_ids, table_starts, lens,
+                       num_heads * head_dim, num_seqs, num_heads, num_kv_heads, head_dim,
+                       cache_rows, block_shift, scale};
     const int64_t items = num_seqs * num_kv_heads;
     /* small dynamic chunks: a prompt's later tokens attend to more keys than its first */
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads > 0 ? num_threads : 1)

@@ -16,81 +16,12 @@
  * shapes, layers/linear.py). The sums run in a different order than oneDNN's or MKL's: the
  * results differ in the last bits.
  */
-#include "vec16.h"
+#include "gemv_rows.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define MAX_TOKENS 64
-#define ROWS 4
-
-/* y[t0 + t, o0 + r] for NT tokens and RB rows from o0. */
-static inline __attribute__((always_inline)) void rows_block(
-    const float *x, int64_t x_stride, const float *w, const float *next, const float *bias,
-    float *y, int64_t y_stride, int64_t in, int64_t o0, int64_t t0, const int NT,
-    const int RB) {
-    v16 acc[4][ROWS] = {{{0}}};
-    const int64_t vec_end = in & ~(int64_t)15;
-    const float *wr = w + o0 * in;
-    const float *xs = x + t0 * x_stride;
-    for (int64_t i = 0; i < vec_end; i += 16) {
-        v16 wv[ROWS];
-        for (int r = 0; r < RB; r++) __builtin_prefetch(next + r * in + i);
-        for (int r = 0; r < RB; r++) wv[r] = load16(wr + r * in + i);
-        for (int t = 0; t < NT; t++) {
-            const v16 xv = load16(xs + t * x_stride + i);
-            for (int r = 0; r < RB; r++) acc[t][r] += wv[r] * xv;
-        }
-    }
-    float sums[4][ROWS];
-    if (NT == 4 && RB == ROWS) { /* all sixteen sums in one reduction */
-        float s[16];
-        store16(s, transpose_sum(&acc[0][0]));
-        for (int t = 0; t < 4; t++)
-            for (int r = 0; r < ROWS; r++) sums[t][r] = s[ROWS * t + r];
-    } else {
-        for (int t = 0; t < NT; t++)
-            for (int r = 0; r < RB; r++) sums[t][r] = hsum(acc[t][r]);
-    }
-    for (int64_t i = vec_end; i < in; i++) /* the tail of in, when not a multiple of 16 */
-        for (int t = 0; t < NT; t++)
-            for (int r = 0; r < RB; r++) sums[t][r] += xs[t * x_stride + i] * wr[r * in + i];
-    for (int t = 0; t < NT; t++)
-        for (int r = 0; r < RB; r++)
-            y[(t0 + t) * y_stride + o0 + r] = sums[t][r] + (bias ? bias[o0 + r] : 0.f);
-}
-
-static inline __attribute__((always_inline)) void rows_tokens(
-    const float *x, int64_t x_stride, const float *w, const float *next, const float *bias,
-    float *y, int64_t y_stride, int64_t in, int64_t o0, int64_t t0, int64_t nt, const int RB) {
-    switch (nt) {
-    case 1: rows_block(x, x_stride, w, next, bias, y, y_stride, in, o0, t0, 1, RB); break;
-    case 2: rows_block(x, x_stride, w, next, bias, y, y_stride, in, o0, t0, 2, RB); break;
-    case 3: rows_block(x, x_stride, w, next, bias, y, y_stride, in, o0, t0, 3, RB); break;
-    default: rows_block(x, x_stride, w, next, bias, y, y_stride, in, o0, t0, 4, RB); break;
-    }
-}
-
-/* Output rows [begin, end), every token. */
-static void rows_range(const float *x, int64_t x_stride, const float *w, const float *bias,
-                       float *y, int64_t y_stride, int64_t num_tokens, int64_t in,
-                       int64_t begin, int64_t end) {
-    int64_t o = begin;
-    for (; o + ROWS <= end; o += ROWS) {
-        /* the next block's rows arrive while this one is summed (a block past the share
-         * prefetches the next thread's first rows, harmless) */
-        const float *next = w + (o + ROWS < end ? o + ROWS : o) * in;
-        for (int64_t t0 = 0; t0 < num_tokens; t0 += 4) {
-            const int64_t nt = num_tokens - t0 < 4 ? num_tokens - t0 : 4;
-            rows_tokens(x, x_stride, w, next, bias, y, y_stride, in, o, t0, nt, ROWS);
-        }
-    }
-    for (; o < end; o++)
-        for (int64_t t0 = 0; t0 < num_tokens; t0 += 4) {
-            const int64_t nt = num_tokens - t0 < 4 ? num_tokens - t0 : 4;
-            rows_tokens(x, x_stride, w, w + o * in, bias, y, y_stride, in, o, t0, nt, 1);
-        }
-}
 
 int gemv(const float *x, int64_t x_stride, const float *w, const float *bias, float *y,
          int64_t y_stride, int64_t num_tokens, int64_t out, int64_t in, int num_threads) {

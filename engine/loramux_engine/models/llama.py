@@ -5,6 +5,8 @@ Module names mirror the Hugging Face checkpoints so weights load by name.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from loramux_engine.layers.layernorm import RMSNorm
 from loramux_engine.layers.linear import Linear
 from loramux_engine.layers.rotary_embedding import RotaryEmbedding
 from loramux_engine.models.config import ModelArgs
+from loramux_engine.models.cpu_decode import CPUDecodePath
 
 
 class LlamaAttention(nn.Module):
@@ -82,8 +85,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, rotary) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # the C path for CPU steps of few tokens (models/cpu_decode.py), bound by the runner
+        self.cpu_decode: CPUDecodePath | None = None
+
+    def decoder_layers(self) -> list[LlamaDecoderLayer]:
+        return [cast(LlamaDecoderLayer, layer) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        fast = self.cpu_decode
+        if fast is not None and input_ids.shape[0] <= fast.max_tokens:
+            return fast.forward(self, input_ids, positions)
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
