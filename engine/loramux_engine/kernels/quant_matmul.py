@@ -1,4 +1,5 @@
-"""The CPU int8 / int4 weight-only matmuls with fp32 activations (quant_matmul.c), via ctypes."""
+"""The CPU int8 / int4 weight-only matmuls with fp32 activations (quant_matmul.c, its cores in
+quant_rows.h), via ctypes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def _declare(library: ctypes.CDLL) -> None:
             *(c_ptr, c_int64, c_ptr, c_ptr, c_ptr, c_int64, c_ptr),
             *(c_int64, c_int64, c_int64, c_int),
         ],
+        # quant_rows.h's cores on the calling thread: rows [begin, end), y's row stride
+        "int8_rows_range": [c_ptr, c_int64, c_ptr, c_ptr, c_ptr, *(c_int64,) * 5],
+        "int4_rows_range": [c_ptr, c_int64, c_ptr, c_ptr, c_ptr, c_int64, c_ptr, *(c_int64,) * 5],
         "int8_dequantize": [c_ptr, c_ptr, c_ptr, c_int64, c_int64, c_int],
         "int4_dequantize": [c_ptr, c_ptr, c_ptr, c_int64, c_ptr, c_int64, c_int64, c_int],
     }
