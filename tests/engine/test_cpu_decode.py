@@ -78,14 +78,17 @@ def _count_calls(engine: LLMEngine) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("speculative", ["off", "on"])
+@pytest.mark.parametrize(
+    ("speculative", "quantization"),
+    [("off", "none"), ("on", "none"), ("off", "int8"), ("off", "int4")],
+)
 def test_c_path_gives_torch_path_tokens(
-    tiny_llama_dir: Path, tmp_path: Path, speculative: str
+    tiny_llama_dir: Path, tmp_path: Path, speculative: str, quantization: str
 ) -> None:
     refs = _adapters(tiny_llama_dir, tmp_path)
-    fast = _engine(tiny_llama_dir, tmp_path)
+    fast = _engine(tiny_llama_dir, tmp_path, quantization=quantization)
     calls = _count_calls(fast)
-    plain = _engine(tiny_llama_dir, tmp_path)
+    plain = _engine(tiny_llama_dir, tmp_path, quantization=quantization)
     plain.runner.model.model.cpu_decode = None  # the torch path, same kernels otherwise
     expected = _run(plain, refs, speculative)
     got = _run(fast, refs, speculative)

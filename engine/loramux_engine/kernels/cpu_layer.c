@@ -27,10 +27,7 @@
 #include "fused_rows.h"
 #include "gemv_rows.h"
 #include "paged_attention.h"
-#if __has_include("quant_rows.h")
 #include "quant_rows.h"
-#define HAVE_QUANT 1
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -83,14 +80,12 @@ static void matrix_rows(const Matrix *m, const float *x, int64_t x_stride, float
                    begin, end);
         return;
     }
-#ifdef HAVE_QUANT
     if (m->kind == INT8)
         int8_rows(x, x_stride, (const int8_t *)m->w, m->scale, y, y_stride, num_tokens, m->in,
                   begin, end);
     else
         int4_rows(x, x_stride, (const uint8_t *)m->w, m->scale, m->minimum, m->group, y,
                   y_stride, num_tokens, m->in, begin, end);
-#endif
     if (m->bias)
         for (int64_t t = 0; t < num_tokens; t++)
             for (int64_t o = begin; o < end; o++) y[t * y_stride + o] += m->bias[o];
@@ -176,15 +171,6 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, int parts, 
         matmul_share(&L->down, 1, S->act, I, S->h, d, nt, id, n);
 #pragma omp barrier
     }
-}
-
-/* Whether int8 and int4 weights are built in (quant_rows.h). */
-int has_quant(void) {
-#ifdef HAVE_QUANT
-    return 1;
-#else
-    return 0;
-#endif
 }
 
 static int check(const Model *M, const Step *S) {

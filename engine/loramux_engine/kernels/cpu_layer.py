@@ -87,8 +87,6 @@ def _declare(library: ctypes.CDLL) -> None:
     every = library.all_layers
     every.restype = ctypes.c_int
     every.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step)]
-    library.has_quant.restype = ctypes.c_int
-    library.has_quant.argtypes = []
 
 
 def load() -> ctypes.CDLL | None:

@@ -50,7 +50,7 @@ def pack_weights(model: LlamaForCausalLM) -> None:
         (head.weight,) = weight_arena.pack([head.weight])
 
 
-def _matrix(linear: Linear, quant: bool) -> cpu_layer.Matrix | None:
+def _matrix(linear: Linear) -> cpu_layer.Matrix | None:
     """The C description of a projection's weight; None when the kernel cannot take it."""
     bias = linear.bias.data_ptr() if linear.bias is not None else None
     if linear.bias is not None and not linear.bias.is_contiguous():
@@ -62,16 +62,33 @@ def _matrix(linear: Linear, quant: bool) -> cpu_layer.Matrix | None:
         if w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (m.out, m.in_):
             return None
         m.kind, m.w = cpu_layer.FP32, w.data_ptr()
-    elif quant and isinstance(q, Int8Weight) and q.kernel is not None:
+    elif isinstance(q, Int8Weight) and q.kernel is not None:
         if q.scale.dtype != torch.float32 or m.in_ % 16:
             return None
         m.kind, m.w, m.scale = cpu_layer.INT8, q.qweight.data_ptr(), q.scale.data_ptr()
-    elif quant and isinstance(q, Int4Weight) and q.kernel is not None and q.minimum is not None:
+    elif isinstance(q, Int4Weight) and q.kernel is not None and q.minimum is not None:
         m.kind, m.w, m.group = cpu_layer.INT4, q.packed.data_ptr(), q.group_size
         m.scale, m.minimum = q.scale.data_ptr(), q.minimum.data_ptr()
     else:
         return None
     return m
+
+
+def _joined(matrices: list[cpu_layer.Matrix]) -> list[cpu_layer.Matrix]:
+    """Plain weights lying back to back (pack_weights) without biases as one matrix, the
+    others emptied (out 0): each thread then reads one stream, not one per weight."""
+    first = matrices[0]
+    end = first.w + first.out * first.in_ * 4
+    for m in matrices[1:]:
+        if m.kind != cpu_layer.FP32 or first.kind != cpu_layer.FP32 or m.bias or first.bias:
+            return matrices
+        if m.w != end or m.in_ != first.in_:
+            return matrices
+        end += m.out * m.in_ * 4
+    joined = cpu_layer.Matrix(
+        kind=cpu_layer.FP32, out=sum(m.out for m in matrices), in_=first.in_, w=first.w
+    )
+    return [joined] + [cpu_layer.Matrix(kind=cpu_layer.FP32, in_=first.in_)] * (len(matrices) - 1)
 
 
 class CPUDecodePath:
@@ -125,14 +142,13 @@ class CPUDecodePath:
         library = cpu_layer.load()
         if library is None or args.num_layers == 0:
             return None
-        quant = bool(library.has_quant())
         structs = []
         layers = model.decoder_layers()
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             parts = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
             parts += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            matrices = [m for m in (_matrix(p, quant) for p in parts) if m is not None]
+            matrices = [m for m in (_matrix(p) for p in parts) if m is not None]
             caches = attn.attn.k_cache, attn.attn.v_cache
             norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             if (
@@ -147,9 +163,9 @@ class CPUDecodePath:
                 cpu_layer.Layer(
                     input_norm=norms[0].data_ptr(),
                     post_norm=norms[1].data_ptr(),
-                    qkv=(cpu_layer.Matrix * 3)(q, k, v),
+                    qkv=(cpu_layer.Matrix * 3)(*_joined([q, k, v])),
                     o=o,
-                    gate_up=(cpu_layer.Matrix * 2)(gate, up),
+                    gate_up=(cpu_layer.Matrix * 2)(*_joined([gate, up])),
                     down=down,
                     k_cache=caches[0].data_ptr(),
                     v_cache=caches[1].data_ptr(),
