@@ -147,7 +147,8 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, int parts, 
         const Args args = {S->qkv, L->k_cache, L->v_cache, S->attn, S->block_ids,
                            S->table_starts, S->lens, qkv_width, nt, heads, kv_heads, hd,
                            M->cache_rows, M->block_shift, (float)M->scale};
-        for (int64_t i = id; i < nt * kv_heads; i += n) attend(&args, i / kv_heads, i % kv_heads);
+        const int64_t items = attention_items(&args);
+        for (int64_t i = id; i < nt * items; i += n) attend_item(&args, i / items, i % items);
 #pragma omp barrier
         matmul_share(&L->o, 1, S->attn, heads * hd, S->h, d, nt, id, n);
 #pragma omp barrier

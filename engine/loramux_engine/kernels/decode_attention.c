@@ -33,9 +33,9 @@ int decode_attention(const float *q, const float *k_cache, const float *v_cache,
     const Args args = {q, k_cache, v_cache, out, block_ids, table_starts, lens,
                        num_heads * head_dim, num_seqs, num_heads, num_kv_heads, head_dim,
                        cache_rows, block_shift, scale};
-    const int64_t items = num_seqs * num_kv_heads;
+    const int64_t per_token = attention_items(&args), items = num_seqs * per_token;
     /* small dynamic chunks: a prompt's later tokens attend to more keys than its first */
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads > 0 ? num_threads : 1)
-    for (int64_t i = 0; i < items; i++) attend(&args, i / num_kv_heads, i % num_kv_heads);
+    for (int64_t i = 0; i < items; i++) attend_item(&args, i / per_token, i % per_token);
     return 0;
 }
