@@ -191,11 +191,12 @@ static int team(const Step *S) {
     return (int)(threads < 64 ? threads : 64);
 }
 
-/* Parts of layer `layer` (a mask of PART_*); `first`: the layer has no residual yet. */
-int layer_parts(const Model *M, int64_t layer, const Step *S, int parts, int first) {
+/* `parts` (a mask of PART_*) of layers [begin, end), in one region; layer 0 has no
+ * residual stream yet (its input is the embedding). */
+static int run_layers(const Model *M, const Step *S, int64_t begin, int64_t end, int parts) {
     const int status = check(M, S);
-    if (status || layer < 0 || layer >= M->num_layers) return status ? status : -1;
-    const Layer *L = M->layers + layer;
+    if (status) return status;
+    if (begin < 0 || end > M->num_layers || begin > end) return -1;
 #pragma omp parallel num_threads(team(S))
     {
         int id = 0, n = 1;
@@ -203,24 +204,15 @@ int layer_parts(const Model *M, int64_t layer, const Step *S, int parts, int fir
         id = omp_get_thread_num();
         n = omp_get_num_threads();
 #endif
-        run_parts(M, L, S, parts, first, id, n);
+        for (int64_t i = begin; i < end; i++) run_parts(M, M->layers + i, S, parts, i == 0, id, n);
     }
     return 0;
 }
 
-/* Every part of every layer, in one region (a step without adapters). */
-int all_layers(const Model *M, const Step *S) {
-    const int status = check(M, S);
-    if (status) return status;
-#pragma omp parallel num_threads(team(S))
-    {
-        int id = 0, n = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        for (int64_t i = 0; i < M->num_layers; i++)
-            run_parts(M, M->layers + i, S, ALL_PARTS, i == 0, id, n);
-    }
-    return 0;
+/* Parts of one layer (between them the caller adds its adapters' deltas). */
+int layer_parts(const Model *M, int64_t layer, const Step *S, int parts) {
+    return run_layers(M, S, layer, layer + 1, parts);
 }
+
+/* Every part of every layer (a step without adapters). */
+int all_layers(const Model *M, const Step *S) { return run_layers(M, S, 0, M->num_layers, ALL_PARTS); }

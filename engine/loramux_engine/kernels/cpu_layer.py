@@ -83,7 +83,7 @@ class Step(ctypes.Structure):
 def _declare(library: ctypes.CDLL) -> None:
     parts = library.layer_parts
     parts.restype = ctypes.c_int
-    parts.argtypes = [ctypes.POINTER(Model), _i64, ctypes.POINTER(Step), ctypes.c_int, ctypes.c_int]
+    parts.argtypes = [ctypes.POINTER(Model), _i64, ctypes.POINTER(Step), ctypes.c_int]
     every = library.all_layers
     every.restype = ctypes.c_int
     every.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step)]

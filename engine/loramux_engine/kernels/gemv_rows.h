@@ -26,14 +26,7 @@ static inline vw loadw(const float *p) { return *(const vwu *)p; }
 static inline float hsumw(vw x) {
     float lanes[VW];
     memcpy(lanes, &x, sizeof lanes);
-    float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-    for (int i = 0; i < VW; i += 4) {
-        a += lanes[i];
-        b += lanes[i + 1];
-        c += lanes[i + 2];
-        d += lanes[i + 3];
-    }
-    return (a + b) + (c + d);
+    return sum_lanes(lanes, VW);
 }
 
 /* y[t0 + t, o0 + r] for NT tokens and RB rows from o0. */

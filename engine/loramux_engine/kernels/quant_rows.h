@@ -130,14 +130,7 @@ static inline void qr_prefetch(const void *p, const void *limit) {
 static inline float qr_hsum(qr_vf v) {
     float lanes[QR_VW];
     memcpy(lanes, &v, sizeof lanes);
-    float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-    for (int i = 0; i < QR_VW; i += 4) {
-        a += lanes[i];
-        b += lanes[i + 1];
-        c += lanes[i + 2];
-        d += lanes[i + 3];
-    }
-    return (a + b) + (c + d);
+    return sum_lanes(lanes, QR_VW);
 }
 
 /* y[t0 + t, n0 + r] = (sum of acc[t][r]'s lanes) (* row_scale[r] when not NULL). */

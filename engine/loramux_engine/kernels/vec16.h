@@ -17,18 +17,23 @@ static inline v16 load16(const float *p) { return *(const v16u *)p; }
 static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
 static inline v16 splat(float x) { return (v16){0} + x; }
 
-/* The sum of the 16 lanes, as four interleaved partial sums. */
-static inline float hsum(v16 x) {
-    float lanes[16];
-    memcpy(lanes, &x, sizeof lanes);
+/* The sum of n lanes (a multiple of 4), as four interleaved partial sums. */
+static inline float sum_lanes(const float *lanes, int n) {
     float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-    for (int i = 0; i < 16; i += 4) {
+    for (int i = 0; i < n; i += 4) {
         a += lanes[i];
         b += lanes[i + 1];
         c += lanes[i + 2];
         d += lanes[i + 3];
     }
     return (a + b) + (c + d);
+}
+
+/* The sum of the 16 lanes. */
+static inline float hsum(v16 x) {
+    float lanes[16];
+    memcpy(lanes, &x, sizeof lanes);
+    return sum_lanes(lanes, 16);
 }
 
 #if defined(__clang__)

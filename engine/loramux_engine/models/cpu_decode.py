@@ -215,20 +215,20 @@ class CPUDecodePath:
         attn_proj, mlp = layer.self_attn, layer.mlp
         run = self.library.layer_parts
         model, step_ref = ctypes.byref(self.model), ctypes.byref(step)
-        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_QKV, index == 0))
+        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_QKV))
         for proj, cols in zip(
             (attn_proj.q_proj, attn_proj.k_proj, attn_proj.v_proj), self._qkv_slices, strict=True
         ):
             if proj.lora_stack is not None:
                 add_lora(qkv[:, cols], normed, proj.lora_stack, batch)
-        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_ATTEND, 0))
+        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_ATTEND))
         if attn_proj.o_proj.lora_stack is not None:
             add_lora(h, attn, attn_proj.o_proj.lora_stack, batch)
-        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_MLP_IN, 0))
+        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_MLP_IN))
         i = self.intermediate
         for proj, cols in ((mlp.gate_proj, slice(0, i)), (mlp.up_proj, slice(i, 2 * i))):
             if proj.lora_stack is not None:
                 add_lora(gate_up[:, cols], normed, proj.lora_stack, batch)
-        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_MLP_OUT, 0))
+        cpu_layer.check(run(model, index, step_ref, cpu_layer.PART_MLP_OUT))
         if mlp.down_proj.lora_stack is not None:
             add_lora(h, act, mlp.down_proj.lora_stack, batch)
