@@ -84,27 +84,26 @@ static inline __attribute__((always_inline)) void rows_tokens(
     }
 }
 
-/* Row o for NT tokens (at most TOKENS), the row read front to back with four sums per
- * token: one plain stream, as a memory read is fastest. Reading four rows side by side
- * (rows_block) read SmolLM2's weights at 26.6 GB/s on a Zen 3 EPYC where a plain read got
- * 30.6 and this 30.6; rows_block keeps the steps of more tokens, where each loaded weight
- * vector serves four tokens and the time goes to arithmetic, not to memory. */
+/* Row o for NT tokens (at most 4), the row read front to back with A sums per token (four
+ * for up to two tokens, two beyond, so that the sums stay in AVX2's 16 registers): one
+ * plain stream, as a memory read is fastest. Reading four rows side by side (rows_block)
+ * read SmolLM2's weights at 26.6 GB/s on a Zen 3 EPYC where a plain read got 30.6 and
+ * this 30.6 at one token; rows_block keeps the steps of more tokens, where each loaded
+ * weight vector serves four tokens and the time goes to arithmetic, not to memory. */
 static inline __attribute__((always_inline)) void row_stream(
     const float *x, int64_t x_stride, const float *w, const float *bias, float *y,
     int64_t y_stride, int64_t in, int64_t o, const int NT) {
-    vw acc[TOKENS][4] = {{{0}}};
+    const int A = NT <= 2 ? 4 : 2;
+    vw acc[4][4] = {{{0}}};
     const float *wr = w + o * in;
-    const int64_t unrolled_end = in - in % (4 * VW), vec_end = in & ~(int64_t)(VW - 1);
+    const int64_t unrolled_end = in - in % (A * VW), vec_end = in & ~(int64_t)(VW - 1);
     int64_t i = 0;
-    for (; i < unrolled_end; i += 4 * VW) {
-        const vw w0 = loadw(wr + i), w1 = loadw(wr + i + VW);
-        const vw w2 = loadw(wr + i + 2 * VW), w3 = loadw(wr + i + 3 * VW);
+    for (; i < unrolled_end; i += A * VW) {
+        vw wv[4];
+        for (int k = 0; k < A; k++) wv[k] = loadw(wr + i + k * VW);
         for (int t = 0; t < NT; t++) {
             const float *xt = x + t * x_stride + i;
-            acc[t][0] += w0 * loadw(xt);
-            acc[t][1] += w1 * loadw(xt + VW);
-            acc[t][2] += w2 * loadw(xt + 2 * VW);
-            acc[t][3] += w3 * loadw(xt + 3 * VW);
+            for (int k = 0; k < A; k++) acc[t][k] += wv[k] * loadw(xt + k * VW);
         }
     }
     for (; i < vec_end; i += VW) {
@@ -112,7 +111,9 @@ static inline __attribute__((always_inline)) void row_stream(
         for (int t = 0; t < NT; t++) acc[t][0] += wv * loadw(x + t * x_stride + i);
     }
     for (int t = 0; t < NT; t++) {
-        float sum = hsumw((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]));
+        vw total = acc[t][0];
+        for (int k = 1; k < A; k++) total += acc[t][k];
+        float sum = hsumw(total);
         for (int64_t k = vec_end; k < in; k++) sum += x[t * x_stride + k] * wr[k];
         y[t * y_stride + o] = sum + (bias ? bias[o] : 0.f);
     }
@@ -122,14 +123,13 @@ static inline __attribute__((always_inline)) void row_stream(
 static inline void rows_range(const float *x, int64_t x_stride, const float *w, const float *bias,
                        float *y, int64_t y_stride, int64_t num_tokens, int64_t in,
                        int64_t begin, int64_t end) {
-    if (num_tokens == 1) {
-        for (int64_t o = begin; o < end; o++) row_stream(x, x_stride, w, bias, y, y_stride, in, o, 1);
-        return;
+#define STREAM(NT)                                                                         \
+    if (num_tokens == NT) {                                                                \
+        for (int64_t o = begin; o < end; o++) row_stream(x, x_stride, w, bias, y, y_stride, in, o, NT); \
+        return;                                                                            \
     }
-    if (num_tokens == 2) {
-        for (int64_t o = begin; o < end; o++) row_stream(x, x_stride, w, bias, y, y_stride, in, o, 2);
-        return;
-    }
+    STREAM(1) STREAM(2) STREAM(3) STREAM(4)
+#undef STREAM
     int64_t o = begin;
     for (; o + ROWS <= end; o += ROWS) {
         /* the next block's rows arrive while this one is summed (a block past the share
