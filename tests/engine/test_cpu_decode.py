@@ -4,6 +4,7 @@ greedy tokens, for the base model and mixed adapters, speculative steps and prom
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,16 @@ def test_c_path_logits_match_torch_path(tiny_llama_dir: Path, tmp_path: Path) ->
     refs = _adapters(tiny_llama_dir, tmp_path)
     engine = _engine(tiny_llama_dir, tmp_path)
     _count = _count_calls(engine)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    # long enough that none finishes while the adapters load (in the background)
+    params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)
     for a, ref in enumerate(refs):  # four sequences of different lengths, decoding together
         engine.add_request(str(a), list(range(7, 7 + 9 * (a + 1))), params, adapter=ref)
-    while engine.has_unfinished():
+    for _ in range(150):
         engine.step()
         seqs = engine.scheduler.running
         if len(seqs) == len(refs) and all(s.num_computed_tokens > 0 for s in seqs):
             break
+        time.sleep(0.01)
     seqs = list(engine.scheduler.running)
     assert len(seqs) == len(refs) and any(s.adapter_slot for s in seqs)
     for s in seqs:  # score one more token of each (not committed: logits only)
@@ -144,3 +147,72 @@ def test_c_path_rejects_a_position_past_the_table(tiny_llama_dir: Path, tmp_path
             model(ids, torch.tensor([0, -1], dtype=torch.long))
     finally:
         reset_context()
+
+
+def test_c_path_without_adapters_and_with_biases_untied_head_odd_width(
+    make_tiny_llama: Any, tmp_path: Path
+) -> None:
+    """Base requests only (every layer in one C call), on a model with q/k/v/o and MLP
+    biases (random, so they count), an untied LM head and an intermediate width that is not
+    a multiple of 16 (SiLU's scalar tail)."""
+    model_dir = make_tiny_llama(
+        seed=3, attention_bias=True, mlp_bias=True, tie_word_embeddings=False, intermediate_size=136
+    )
+    engines = [_engine(model_dir, tmp_path) for _ in range(2)]
+    generator = torch.Generator().manual_seed(0)
+    for engine in engines:  # the same random biases in both
+        for name, param in sorted(engine.runner.model.named_parameters()):
+            if name.endswith(".bias"):
+                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        generator.manual_seed(0)
+    fast, plain = engines
+    assert fast.runner.cpu_decode is not None
+    assert fast.runner.model.lm_head.weight.data_ptr() != (
+        fast.runner.model.model.embed_tokens.weight.data_ptr()
+    )
+    calls = {"all_layers": 0}
+    library = fast.runner.cpu_decode.library
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name in calls:
+                calls[name] += 1
+            return getattr(library, name)
+
+    fast.runner.cpu_decode.library = Counting()  # type: ignore[assignment]
+    plain.runner.model.model.cpu_decode = None
+    expected, got = _run(plain, [None], "off"), _run(fast, [None], "off")
+    assert calls["all_layers"] > 10
+    assert got == expected
+
+
+def test_c_path_refuses_rows_outside_the_cache(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    engine = _engine(tiny_llama_dir, tmp_path)
+    model = engine.runner.model.model
+    rows = engine.runner.kv_cache.shape[3]
+    ids, positions = torch.tensor([1, 2]), torch.tensor([0, 1])
+
+    def run(cache_positions: list[int], block_ids: list[int], lens: list[int]) -> None:
+        set_context(
+            Context(
+                cache_positions=torch.tensor(cache_positions),
+                segments=[],
+                block_ids=torch.tensor(block_ids),
+                token_table_starts=torch.zeros(2, dtype=torch.long),
+                token_kv_lens=torch.tensor(lens),
+            )
+        )
+        try:
+            model(ids, positions)
+        finally:
+            reset_context()
+
+    run([0, 1], [0], [1, 2])  # in range: runs
+    for bad in (
+        ([0, rows], [0], [1, 2]),  # a cache row past the end
+        ([0, -1], [0], [1, 2]),
+        ([0, 1], [rows], [1, 2]),  # a block past the cache
+        ([0, 1], [0], [1, 10**6]),  # more keys than the table holds
+    ):
+        with pytest.raises(RuntimeError, match="out of range"):
+            run(*bad)

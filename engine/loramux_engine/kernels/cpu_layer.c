@@ -64,7 +64,7 @@ typedef struct {
 } Model;
 
 typedef struct {
-    int64_t num_tokens, num_threads;
+    int64_t num_tokens, num_threads, num_block_ids;
     const int64_t *positions, *cache_positions, *block_ids, *table_starts, *lens;
     /* [num_tokens, width] each: hidden; hidden; hidden; (heads + 2 kv heads) * head_dim;
      * heads * head_dim; 2 * intermediate; intermediate */
@@ -174,14 +174,24 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, int parts, 
     }
 }
 
+/* Every row the step reads or writes lies in the cache: positions, cache rows, each token's
+ * block table (within block_ids, its blocks within the cache). */
 static int check(const Model *M, const Step *S) {
     if (S->num_tokens < 0 || S->num_tokens > MAX_TOKENS) return -1;
-    if (M->head_dim % 16 || M->head_dim / 16 > MAX_CHUNKS || M->num_kv_heads <= 0 ||
-        M->num_heads % M->num_kv_heads || M->num_heads / M->num_kv_heads > MAX_GROUP)
+    if (M->head_dim <= 0 || M->head_dim % 16 || M->head_dim / 16 > MAX_CHUNKS ||
+        M->num_kv_heads <= 0 || M->num_heads % M->num_kv_heads ||
+        M->num_heads / M->num_kv_heads > MAX_GROUP || M->block_shift < 0 || M->block_shift > 30)
         return -1;
+    const int64_t block_size = INT64_C(1) << M->block_shift;
+    const int64_t num_blocks = M->cache_rows >> M->block_shift;
     for (int64_t t = 0; t < S->num_tokens; t++) {
         if (S->positions[t] < 0 || S->positions[t] >= M->max_positions) return -2;
         if (S->cache_positions[t] < 0 || S->cache_positions[t] >= M->cache_rows) return -2;
+        const int64_t start = S->table_starts[t], len = S->lens[t];
+        const int64_t used = (len + block_size - 1) / block_size;
+        if (start < 0 || len < 0 || start > S->num_block_ids - used) return -2;
+        for (int64_t i = start; i < start + used; i++)
+            if (S->block_ids[i] < 0 || S->block_ids[i] >= num_blocks) return -2;
     }
     return 0;
 }

@@ -65,6 +65,7 @@ class Step(ctypes.Structure):
     _fields_ = [
         ("num_tokens", _i64),
         ("num_threads", _i64),
+        ("num_block_ids", _i64),
         ("positions", _ptr),
         ("cache_positions", _ptr),
         ("block_ids", _ptr),
@@ -96,6 +97,6 @@ def load() -> ctypes.CDLL | None:
 
 def check(status: int) -> None:
     if status == -2:
-        raise RuntimeError("cpu_layer: a position or cache row out of range")
+        raise RuntimeError("cpu_layer: a position, cache row or block table out of range")
     if status != 0:
         raise RuntimeError(f"cpu_layer kernel failed with status {status}")

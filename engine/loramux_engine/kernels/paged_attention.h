@@ -204,6 +204,7 @@ static inline __attribute__((always_inline)) void attend_head_d(const Args *a, i
             chunk_max = score > chunk_max ? score : chunk_max;
         }
         const float m = max > chunk_max ? max : chunk_max;
+        if (m == -INFINITY) continue; /* no key scored yet (infinite inputs): nothing to add */
         const float correction = expf(max - m); /* 0 for the first chunk */
         v16 total = splat(0.f);
         for (int64_t j = 0; j < n; j += 16) { /* lanes past n give exp(-inf) = 0 */

@@ -53,7 +53,10 @@ def pack_weights(model: LlamaForCausalLM) -> None:
 def _matrix(linear: Linear) -> cpu_layer.Matrix | None:
     """The C description of a projection's weight; None when the kernel cannot take it."""
     bias = linear.bias.data_ptr() if linear.bias is not None else None
-    if linear.bias is not None and not linear.bias.is_contiguous():
+    b = linear.bias
+    if b is not None and (
+        not b.is_contiguous() or b.dtype != torch.float32 or b.numel() != linear.out_features
+    ):
         return None
     q = linear.quantized
     m = cpu_layer.Matrix(out=linear.out_features, in_=linear.in_features, bias=bias)
@@ -67,6 +70,8 @@ def _matrix(linear: Linear) -> cpu_layer.Matrix | None:
             return None
         m.kind, m.w, m.scale = cpu_layer.INT8, q.qweight.data_ptr(), q.scale.data_ptr()
     elif isinstance(q, Int4Weight) and q.kernel is not None and q.minimum is not None:
+        if m.in_ % 32 or q.group_size % 32 or m.in_ % q.group_size:
+            return None
         m.kind, m.w, m.group = cpu_layer.INT4, q.packed.data_ptr(), q.group_size
         m.scale, m.minimum = q.scale.data_ptr(), q.minimum.data_ptr()
     else:
@@ -102,9 +107,11 @@ class CPUDecodePath:
         args: ModelArgs,
         first: LlamaDecoderLayer,
         layers: ctypes.Array[cpu_layer.Layer],
+        tensors: list[torch.Tensor],
     ) -> None:
         self.library = library
-        self._layers = layers  # the structures' memory, kept alive with the model's tensors
+        self._layers = layers  # the structures' memory
+        self._tensors = tensors  # every tensor the structures point into
         self.hidden, self.intermediate = args.hidden_size, args.intermediate_size
         self.heads, self.kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         attn, rotary = first.self_attn.attn, first.self_attn.rotary
@@ -171,7 +178,21 @@ class CPUDecodePath:
                     v_cache=caches[1].data_ptr(),
                 )
             )
-        return cls(library, args, layers[0], (cpu_layer.Layer * len(structs))(*structs))
+        # every tensor the structures point into, held as long as they are
+        tensors = [t for m in model.modules() for t in (*m.parameters(False), *m.buffers(False))]
+        for layer in layers:
+            tensors += [layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache]
+            for module in layer.modules():
+                weight = module.quantized if isinstance(module, Linear) else None
+                if isinstance(weight, Int8Weight):
+                    tensors += [weight.qweight, weight.scale]
+                elif isinstance(weight, Int4Weight):
+                    tensors += [weight.packed, weight.scale]
+                    tensors += [] if weight.minimum is None else [weight.minimum]
+        structs_array = (cpu_layer.Layer * len(structs))(*structs)
+        return cls(
+            library, args, layers[0], structs_array, tensors + [layers[0].self_attn.rotary.cos_sin]
+        )
 
     def forward(
         self, model: LlamaModel, input_ids: torch.Tensor, positions: torch.Tensor
@@ -179,6 +200,15 @@ class CPUDecodePath:
         # input_ids, positions: [num_tokens], at most max_tokens -> hidden [num_tokens, hidden]
         n = input_ids.shape[0]
         context = get_context()
+        indices = [positions, context.cache_positions, context.token_table_starts]
+        indices.append(context.token_kv_lens)
+        if not all(
+            t.dtype == torch.int64 and t.is_contiguous() and t.numel() == n for t in indices
+        ):
+            raise ValueError("cpu_decode: positions and the context's rows must be n int64s")
+        block_ids = context.block_ids
+        if block_ids.dtype != torch.int64 or not block_ids.is_contiguous():
+            raise ValueError("cpu_decode: block_ids must be contiguous int64")
         buffers = torch.empty(n * sum(self._widths), dtype=torch.float32).split(
             [n * w for w in self._widths]
         )
@@ -186,13 +216,16 @@ class CPUDecodePath:
             b.view(n, w) for b, w in zip(buffers, self._widths, strict=True)
         )
         torch.index_select(model.embed_tokens.weight.detach(), 0, input_ids, out=h)
+        rows = [positions, context.cache_positions, block_ids, context.token_table_starts]
+        rows.append(context.token_kv_lens)
+        outs = (h, residual, normed, qkv, attn, gate_up, act)
         step = cpu_layer.Step(
-            n, torch.get_num_threads(), positions.data_ptr(), context.cache_positions.data_ptr(),
-            context.block_ids.data_ptr(), context.token_table_starts.data_ptr(),
-            context.token_kv_lens.data_ptr(), h.data_ptr(), residual.data_ptr(),
-            normed.data_ptr(), qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(),
-            act.data_ptr(),
-        )  # fmt: skip
+            n,
+            torch.get_num_threads(),
+            block_ids.numel(),
+            *(t.data_ptr() for t in rows),
+            *(t.data_ptr() for t in outs),
+        )
         batch = context.lora_batch
         if batch is None or batch.empty:
             cpu_layer.check(self.library.all_layers(ctypes.byref(self.model), ctypes.byref(step)))
