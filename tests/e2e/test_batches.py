@@ -241,7 +241,11 @@ def test_interactive_first_token_within_a_few_steps_of_a_running_batch(  # type:
             stream.close()
     running = client.batches.retrieve(batch.id)
     assert running.request_counts.completed < 200, "the batch ended before the measurement"
-    assert max(waited) <= 8, waited
+    # Steps counted from the client's send: a loaded host's HTTP hop spans a few fast steps
+    # (a C decode step of the tiny model is a few ms), so the bound is on the median; a
+    # request queued behind the batch would wait hundreds (most of 200 lines of 48 tokens).
+    assert sorted(waited)[len(waited) // 2] <= 8, waited
+    assert max(waited) <= 32, waited
     client.batches.cancel(batch.id)
     assert batch_stack.wait(client, batch.id).status == "cancelled"
 
