@@ -25,14 +25,18 @@ def ascii_int(text: str) -> int | None:
     return int(text) if _INTEGER.fullmatch(text) else None
 
 
-def limit_param(request: Request, default: int = 100, maximum: int = 1000) -> int:
-    value = request.query_params.get("limit")
+def parse_limit(value: str | None, default: int, maximum: int) -> int:
+    """A ``limit`` query value: ``default`` when absent, else an integer in [1, maximum]."""
     if value is None:
         return default
     number = ascii_int(value)
     if number is None or not 1 <= number <= maximum:
         raise InvalidRequest(f"limit must be an integer between 1 and {maximum}", param="limit")
     return number
+
+
+def limit_param(request: Request, default: int = 100, maximum: int = 1000) -> int:
+    return parse_limit(request.query_params.get("limit"), default, maximum)
 
 
 def _date(request: Request, name: str, default: date) -> date:

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
-from loramux.api.params import ascii_int
+from loramux.api import params
 from loramux.db.models import Batch, File
 from loramux.errors import InvalidRequest
 
@@ -16,12 +16,7 @@ MAX_LIMIT = 100
 
 
 def parse_limit(value: str | None, default: int = 20) -> int:
-    if value is None:
-        return default
-    number = ascii_int(value)
-    if number is None or not 1 <= number <= MAX_LIMIT:
-        raise InvalidRequest(f"limit must be an integer between 1 and {MAX_LIMIT}", param="limit")
-    return number
+    return params.parse_limit(value, default, MAX_LIMIT)
 
 
 def page(
