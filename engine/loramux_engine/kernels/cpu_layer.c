@@ -28,6 +28,7 @@
 #include "gemv_rows.h"
 #include "paged_attention.h"
 #include "quant_rows.h"
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -113,15 +114,21 @@ static void add_norm(const Model *M, const Step *S, const float *weight, int fir
                  S->normed + t * d, S->residual + t * d, d);
 }
 
-static inline v16 silu16(v16 g) {
-    const v16i negative = g < 0.f;
-    const v16 e = vexp(vselect(negative, g, -g)); /* exp(-|g|), in (0, 1] */
+static inline av silu_av(av g) {
+    const avi negative = g < 0.f;
+    const av e = exp_av(select_av(negative, g, -g)); /* exp(-|g|), in (0, 1] */
     /* g / (1 + exp(-g)) for g >= 0; g * exp(g) / (1 + exp(g)) below */
-    return vselect(negative, g * e, g) / (1.f + e);
+    return select_av(negative, g * e, g) / (1.f + e);
 }
 
-static void run_parts(const Model *M, const Layer *L, const Step *S, int parts, int first,
-                      int id, int n) {
+/* How attention splits each token's keys this step (paged_attention.h). */
+typedef struct {
+    int64_t splits;
+    float *partials;
+} Split;
+
+static void run_parts(const Model *M, const Layer *L, const Step *S, const Split *split,
+                      int parts, int first, int id, int n) {
     const int64_t nt = S->num_tokens, d = M->hidden, hd = M->head_dim, I = M->intermediate;
     const int64_t heads = M->num_heads, kv_heads = M->num_kv_heads;
     const int64_t qkv_width = (heads + 2 * kv_heads) * hd, half = hd / 2;
@@ -146,10 +153,14 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, int parts, 
 #pragma omp barrier
         const Args args = {S->qkv, L->k_cache, L->v_cache, S->attn, S->block_ids,
                            S->table_starts, S->lens, qkv_width, nt, heads, kv_heads, hd,
-                           M->cache_rows, M->block_shift, (float)M->scale};
-        const int64_t items = attention_items(&args);
-        for (int64_t i = id; i < nt * items; i += n) attend_item(&args, i / items, i % items);
+                           M->cache_rows, M->block_shift, (float)M->scale, split->splits,
+                           split->partials};
+        for (int64_t i = id; i < attention_items(&args); i += n) attend_item(&args, i);
 #pragma omp barrier
+        if (merge_items(&args)) {
+            for (int64_t i = id; i < merge_items(&args); i += n) merge_item(&args, i);
+#pragma omp barrier
+        }
         matmul_share(&L->o, 1, S->attn, heads * hd, S->h, d, nt, id, n);
 #pragma omp barrier
     }
@@ -160,13 +171,16 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, int parts, 
 #pragma omp barrier
     }
     if (parts & PART_MLP_OUT) {
-        const int64_t vec_end = I & ~(int64_t)15;
-        for (int64_t t = id; t < nt; t += n) {
+        /* each thread its share of every token's row, in whole vectors */
+        const int64_t vectors = I / AW, vec_end = vectors * AW;
+        const int64_t begin = vectors * id / n * AW, stop = vectors * (id + 1) / n * AW;
+        for (int64_t t = 0; t < nt; t++) {
             const float *g = S->gate_up + t * 2 * I, *u = g + I;
             float *a = S->act + t * I;
-            for (int64_t i = 0; i < vec_end; i += 16)
-                store16(a + i, silu16(load16(g + i)) * load16(u + i));
-            for (int64_t i = vec_end; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+            for (int64_t i = begin; i < stop; i += AW)
+                store_av(a + i, silu_av(load_av(g + i)) * load_av(u + i));
+            if (id == n - 1)
+                for (int64_t i = vec_end; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
         }
 #pragma omp barrier
         matmul_share(&L->down, 1, S->act, I, S->h, d, nt, id, n);
@@ -207,15 +221,24 @@ static int run_layers(const Model *M, const Step *S, int64_t begin, int64_t end,
     const int status = check(M, S);
     if (status) return status;
     if (begin < 0 || end > M->num_layers || begin > end) return -1;
-#pragma omp parallel num_threads(team(S))
+    const int threads = team(S);
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < S->num_tokens; t++) max_len = S->lens[t] > max_len ? S->lens[t] : max_len;
+    const int64_t splits = attention_splits(S->num_tokens, M->num_kv_heads, max_len, threads);
+    const int64_t scratch = attention_partials(S->num_tokens, M->num_heads, M->head_dim, splits);
+    const Split split = {splits, scratch ? malloc(scratch * sizeof(float)) : NULL};
+    if (scratch && !split.partials) return -3;
+#pragma omp parallel num_threads(threads)
     {
         int id = 0, n = 1;
 #ifdef _OPENMP
         id = omp_get_thread_num();
         n = omp_get_num_threads();
 #endif
-        for (int64_t i = begin; i < end; i++) run_parts(M, M->layers + i, S, parts, i == 0, id, n);
+        for (int64_t i = begin; i < end; i++)
+            run_parts(M, M->layers + i, S, &split, parts, i == 0, id, n);
     }
+    free(split.partials);
     return 0;
 }
 

@@ -12,14 +12,17 @@
  *        block_ids: the block tables, concatenated (int64);
  *        table_starts, lens: [num_queries] (int64); head_dim a multiple of 16, at most 256.
  *
- * One pass over the keys with an online softmax (flash-decoding): each key and value
- * row is read once and used by every query head of its group, so the kernel runs at
- * the speed of reading the cache. Work items (query, kv head) are
- * spread over torch's OpenMP threads (kernels/build.py): the library links
- * libgomp.so.1, which the loader resolves to the copy torch already loaded, so the
- * kernel runs on torch's own worker threads instead of competing with them while they
- * spin after a matmul (measured: twice the time with a pthread pool of our own).
+ * One pass over the keys with an online softmax (flash-decoding), in work items of a
+ * token, a kv head and a span of its keys (paged_attention.h): each key and value row is
+ * read once and used by every query head of its group, so the kernel runs at about the
+ * speed of reading the cache. Items are spread over torch's OpenMP threads
+ * (kernels/build.py): the library links libgomp.so.1, which the loader resolves to the
+ * copy torch already loaded, so the kernel runs on torch's own worker threads instead of
+ * competing with them while they spin after a matmul (measured: twice the time with a
+ * pthread pool of our own).
  */
+#include <stdlib.h>
+
 #include "paged_attention.h"
 
 int decode_attention(const float *q, const float *k_cache, const float *v_cache, float *out,
@@ -30,12 +33,24 @@ int decode_attention(const float *q, const float *k_cache, const float *v_cache,
     if (num_heads % num_kv_heads || num_heads / num_kv_heads > MAX_GROUP) return -1;
     if (head_dim % 16 || head_dim / 16 > MAX_CHUNKS) return -1;
     if (block_shift < 0 || block_shift > 30) return -1;
-    const Args args = {q, k_cache, v_cache, out, block_ids, table_starts, lens,
-                       num_heads * head_dim, num_seqs, num_heads, num_kv_heads, head_dim,
-                       cache_rows, block_shift, scale};
-    const int64_t per_token = attention_items(&args), items = num_seqs * per_token;
-    /* small dynamic chunks: a prompt's later tokens attend to more keys than its first */
-#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads > 0 ? num_threads : 1)
-    for (int64_t i = 0; i < items; i++) attend_item(&args, i / per_token, i % per_token);
+    const int threads = num_threads > 0 ? num_threads : 1;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < num_seqs; b++) max_len = lens[b] > max_len ? lens[b] : max_len;
+    Args args = {q, k_cache, v_cache, out, block_ids, table_starts, lens,
+                 num_heads * head_dim, num_seqs, num_heads, num_kv_heads, head_dim,
+                 cache_rows, block_shift, scale,
+                 attention_splits(num_seqs, num_kv_heads, max_len, threads), NULL};
+    const int64_t scratch = attention_partials(num_seqs, num_heads, head_dim, args.splits);
+    if (scratch && !(args.partials = malloc(scratch * sizeof(float)))) return -3;
+    const int64_t items = attention_items(&args), merges = merge_items(&args);
+#pragma omp parallel num_threads(threads)
+    {
+        /* small dynamic chunks: a prompt's later tokens attend to more keys than its first */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) attend_item(&args, i);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < merges; i++) merge_item(&args, i);
+    }
+    free(args.partials);
     return 0;
 }
