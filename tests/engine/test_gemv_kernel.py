@@ -79,6 +79,28 @@ def test_read_sum_reads_every_float(gemv_library: ctypes.CDLL) -> None:
     assert gemv.read_sum(gemv_library, x, 2) == float(x.sum())
 
 
+@pytest.mark.parametrize("cols", [1, 7, 8, 17, 49152])
+def test_row_argmax_is_amax_and_argmax(gemv_library: ctypes.CDLL, cols: int) -> None:
+    """Greedy sampling's one pass: the maximum as amax gives it (NaN where a row holds
+    one), the index of its first occurrence as argmax, over rows with ties, infinities,
+    NaN and widths around the vector width."""
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(8, cols, generator=gen)
+    x[1] = torch.randint(0, 3, (cols,), generator=gen).float()  # ties: first occurrence
+    x[2, cols // 2] = float("inf")
+    x[3, cols - 1] = float("nan")
+    x[4] = float("-inf")
+    x[5, : cols // 2 + 1] = float("-inf")
+    x[6, 0] = float("nan")
+    x[7] = x[7].abs().neg()  # all at or below zero
+    top, index = gemv.row_argmax(gemv_library, x)
+    torch.testing.assert_close(top, x.amax(-1), equal_nan=True)
+    finite = torch.isfinite(x.amax(-1))  # where greedy sampling reads the index
+    assert index[finite].tolist() == x.argmax(-1)[finite].tolist()
+    assert index[1].item() == x[1].argmax().item()
+    assert index[2].item() == cols // 2
+
+
 def _stack(in_features: int, out_features: int, gen: torch.Generator) -> LoRAStack:
     """Slots 1 and 2 with ranks 8 and 3 (slot 0: no adapter), zero-padded to rank 8."""
     a = torch.zeros(3, 8, in_features)

@@ -62,6 +62,8 @@ typedef struct {
     double eps, scale;
     const float *cos_sin; /* [max_positions, 2, head_dim / 2] */
     const Layer *layers;
+    const float *final_norm; /* the model's last RMSNorm, or NULL: all_layers ends with it */
+    double final_eps;
 } Model;
 
 typedef struct {
@@ -106,11 +108,11 @@ static void matmul_share(const Matrix *m, int count, const float *x, int64_t x_s
 }
 
 /* normed = rms_norm(residual (+)= h), this thread's tokens. */
-static void add_norm(const Model *M, const Step *S, const float *weight, int first, int id,
-                     int n) {
+static void add_norm(const Model *M, const Step *S, const float *weight, double eps, int first,
+                     int id, int n) {
     const int64_t d = M->hidden;
     for (int64_t t = id; t < S->num_tokens; t += n)
-        norm_row(S->h + t * d, first ? 0 : S->residual + t * d, weight, (float)M->eps,
+        norm_row(S->h + t * d, first ? 0 : S->residual + t * d, weight, (float)eps,
                  S->normed + t * d, S->residual + t * d, d);
 }
 
@@ -133,7 +135,7 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, const Split
     const int64_t heads = M->num_heads, kv_heads = M->num_kv_heads;
     const int64_t qkv_width = (heads + 2 * kv_heads) * hd, half = hd / 2;
     if (parts & PART_QKV) {
-        add_norm(M, S, L->input_norm, first, id, n);
+        add_norm(M, S, L->input_norm, M->eps, first, id, n);
 #pragma omp barrier
         matmul_share(L->qkv, 3, S->normed, d, S->qkv, qkv_width, nt, id, n);
 #pragma omp barrier
@@ -165,7 +167,7 @@ static void run_parts(const Model *M, const Layer *L, const Step *S, const Split
 #pragma omp barrier
     }
     if (parts & PART_MLP_IN) {
-        add_norm(M, S, L->post_norm, 0, id, n);
+        add_norm(M, S, L->post_norm, M->eps, 0, id, n);
 #pragma omp barrier
         matmul_share(L->gate_up, 2, S->normed, d, S->gate_up, 2 * I, nt, id, n);
 #pragma omp barrier
@@ -217,7 +219,8 @@ static int team(const Step *S) {
 
 /* `parts` (a mask of PART_*) of layers [begin, end), in one region; layer 0 has no
  * residual stream yet (its input is the embedding). */
-static int run_layers(const Model *M, const Step *S, int64_t begin, int64_t end, int parts) {
+static int run_layers(const Model *M, const Step *S, int64_t begin, int64_t end, int parts,
+                      int final) {
     const int status = check(M, S);
     if (status) return status;
     if (begin < 0 || end > M->num_layers || begin > end) return -1;
@@ -237,6 +240,8 @@ static int run_layers(const Model *M, const Step *S, int64_t begin, int64_t end,
 #endif
         for (int64_t i = begin; i < end; i++)
             run_parts(M, M->layers + i, S, &split, parts, i == 0, id, n);
+        if (final) /* the last layer's barrier passed: its h is complete */
+            add_norm(M, S, M->final_norm, M->final_eps, 0, id, n);
     }
     free(split.partials);
     return 0;
@@ -244,8 +249,12 @@ static int run_layers(const Model *M, const Step *S, int64_t begin, int64_t end,
 
 /* Parts of one layer (between them the caller adds its adapters' deltas). */
 int layer_parts(const Model *M, int64_t layer, const Step *S, int parts) {
-    return run_layers(M, S, layer, layer + 1, parts);
+    return run_layers(M, S, layer, layer + 1, parts, 0);
 }
 
-/* Every part of every layer (a step without adapters). */
-int all_layers(const Model *M, const Step *S) { return run_layers(M, S, 0, M->num_layers, ALL_PARTS); }
+/* Every part of every layer (a step without adapters); then, with M->final_norm, the
+ * model's last norm: residual += h, normed = rms_norm(residual), the hidden states the LM
+ * head reads. */
+int all_layers(const Model *M, const Step *S) {
+    return run_layers(M, S, 0, M->num_layers, ALL_PARTS, M->final_norm != NULL);
+}

@@ -58,6 +58,8 @@ class Model(ctypes.Structure):
         ("scale", ctypes.c_double),
         ("cos_sin", _ptr),
         ("layers", ctypes.POINTER(Layer)),
+        ("final_norm", _ptr),
+        ("final_eps", ctypes.c_double),
     ]
 
 

@@ -16,6 +16,8 @@
  * shapes, layers/linear.py). The sums run in a different order than oneDNN's or MKL's: the
  * results differ in the last bits.
  */
+#include <math.h>
+
 #include "gemv_rows.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -75,4 +77,45 @@ float read_sum(const float *p, int64_t n, int num_threads) {
             for (int64_t i = chunks * 64; i < n; i++) total += p[i];
     }
     return total;
+}
+
+/* Greedy sampling's pass over the logits: each row's maximum and the index of its first
+ * occurrence (as torch.argmax); a row holding a NaN gets a NaN maximum (as torch.amax),
+ * so that a caller's isfinite check fails it. One pass, where amax and argmax were two
+ * torch ops and a third for the check (0.15 to 0.4 ms of a decode step over SmolLM2's
+ * 49,152 logits). */
+typedef int32_t vwi __attribute__((vector_size(VW * 4)));
+
+int row_argmax(const float *x, int64_t rows, int64_t cols, float *max_out, int64_t *index_out) {
+    if (rows < 0 || cols <= 0 || cols > INT32_MAX - VW) return -1;
+    vwi lane;
+    for (int k = 0; k < VW; k++) lane[k] = k;
+    const int64_t vec_end = cols & ~(int64_t)(VW - 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * cols;
+        vw best = (vw){0} - INFINITY;
+        vwi where = lane, nan = (vwi){0};
+        for (int64_t i = 0; i < vec_end; i += VW) {
+            const vw v = loadw(p + i);
+            nan |= v != v;
+            const vwi above = v > best; /* strictly: the first occurrence stays */
+            best = (vw)((above & (vwi)v) | (~above & (vwi)best));
+            where = (above & (lane + (int32_t)i)) | (~above & where);
+        }
+        float top = -INFINITY;
+        int64_t at = 0;
+        int any_nan = 0;
+        for (int k = 0; k < VW; k++) {
+            any_nan |= nan[k] != 0;
+            if (vec_end && (best[k] > top || (best[k] == top && where[k] < at)))
+                top = best[k], at = where[k];
+        }
+        for (int64_t i = vec_end; i < cols; i++) {
+            any_nan |= p[i] != p[i];
+            if (p[i] > top) top = p[i], at = i;
+        }
+        max_out[r] = any_nan ? NAN : top;
+        index_out[r] = at;
+    }
+    return 0;
 }

@@ -20,6 +20,9 @@ def _declare(library: ctypes.CDLL) -> None:
     read = library.read_sum
     read.restype = ctypes.c_float
     read.argtypes = [c_ptr, c_int64, ctypes.c_int]
+    argmax = library.row_argmax
+    argmax.restype = ctypes.c_int
+    argmax.argtypes = [c_ptr, c_int64, c_int64, c_ptr, c_ptr]
 
 
 def load() -> ctypes.CDLL | None:
@@ -66,3 +69,17 @@ def read_sum(library: ctypes.CDLL, x: torch.Tensor, num_threads: int) -> float:
     if not (x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()):
         raise ValueError("read_sum takes a contiguous fp32 CPU tensor")
     return float(library.read_sum(x.data_ptr(), x.numel(), num_threads))
+
+
+def row_argmax(library: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum (NaN where the row holds one, as ``amax``) and the index of its
+    first occurrence (as ``argmax``), in one pass; x: [rows, cols] contiguous fp32 CPU."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2):
+        raise ValueError("row_argmax takes a contiguous 2-d fp32 CPU tensor")
+    rows, cols = x.shape
+    top = torch.empty(rows, dtype=torch.float32)
+    index = torch.empty(rows, dtype=torch.int64)
+    status = library.row_argmax(x.data_ptr(), rows, cols, top.data_ptr(), index.data_ptr())
+    if status != 0:
+        raise ValueError(f"row_argmax: a row of {cols} values is outside what it takes")
+    return top, index

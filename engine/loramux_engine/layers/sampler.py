@@ -15,11 +15,13 @@ always finite (JSON has no -Infinity): floored at OpenAI's stand-in for -inf, -9
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from loramux_engine.errors import NonFiniteLogitsError, SequenceFailedError
+from loramux_engine.kernels import gemv
 from loramux_engine.sampling_params import SamplingParams
 
 NEG_INF_LOGPROB = -9999.0
@@ -129,9 +131,13 @@ def sample(
     """
     logits = logits.float()
     # amax propagates NaN: a finite row maximum means no NaN, no +inf and one finite logit.
-    row_max = logits.amax(-1)
-    usable = torch.isfinite(row_max).tolist()
-    best = logits.argmax(-1).tolist()
+    library = gemv.load() if logits.is_cpu and logits.dim() == 2 and logits.shape[1] else None
+    if library is not None and logits.is_contiguous():
+        row_max, argmax = gemv.row_argmax(library, logits)  # the two in one pass
+    else:
+        row_max, argmax = logits.amax(-1), logits.argmax(-1)
+    usable = [math.isfinite(m) for m in row_max.tolist()]
+    best = argmax.tolist()
     chosen: list[list[tuple[int, int]] | None] = []  # per request: (row, token) emitted
     row = 0
     for i, p in enumerate(params):

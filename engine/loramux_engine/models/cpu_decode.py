@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loramux_engine.kernels import cpu_layer
+from loramux_engine.layers.layernorm import RMSNorm
 from loramux_engine.layers.linear import Linear
 from loramux_engine.layers.quant import Int4Weight, Int8Weight
 from loramux_engine.lora.ops import LoRABatch, add_lora
@@ -106,6 +107,7 @@ class CPUDecodePath:
         library: ctypes.CDLL,
         args: ModelArgs,
         first: LlamaDecoderLayer,
+        final_norm: RMSNorm | None,
         layers: ctypes.Array[cpu_layer.Layer],
         tensors: list[torch.Tensor],
     ) -> None:
@@ -129,7 +131,10 @@ class CPUDecodePath:
             scale=attn.scale,
             cos_sin=rotary.cos_sin.data_ptr(),
             layers=ctypes.cast(layers, ctypes.POINTER(cpu_layer.Layer)),
+            final_norm=None if final_norm is None else final_norm.weight.data_ptr(),
+            final_eps=0.0 if final_norm is None else final_norm.eps,
         )
+        self.final_norm = final_norm is not None  # all_layers ends with the model's norm
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self._qkv_slices = (
             slice(0, q_width),
@@ -190,9 +195,11 @@ class CPUDecodePath:
                     tensors += [weight.packed, weight.scale]
                     tensors += [] if weight.minimum is None else [weight.minimum]
         structs_array = (cpu_layer.Layer * len(structs))(*structs)
-        return cls(
-            library, args, layers[0], structs_array, tensors + [layers[0].self_attn.rotary.cos_sin]
-        )
+        norm = model.norm.weight
+        final = norm.is_contiguous() and norm.dtype == torch.float32
+        final = final and norm.shape == (args.hidden_size,)
+        tensors.append(layers[0].self_attn.rotary.cos_sin)
+        return cls(library, args, layers[0], model.norm if final else None, structs_array, tensors)
 
     def forward(
         self, model: LlamaModel, input_ids: torch.Tensor, positions: torch.Tensor
@@ -229,6 +236,8 @@ class CPUDecodePath:
         batch = context.lora_batch
         if batch is None or batch.empty:
             cpu_layer.check(self.library.all_layers(ctypes.byref(self.model), ctypes.byref(step)))
+            if self.final_norm:
+                return normed
         else:
             for i, layer in enumerate(model.decoder_layers()):
                 self._layer(i, layer, step, batch, (h, normed, qkv, attn, gate_up, act))
